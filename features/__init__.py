@@ -1,0 +1,1 @@
+"""User token sequences (the one token builder) and Feast feature-store access."""

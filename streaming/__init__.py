@@ -1,0 +1,1 @@
+"""Event contract, Faust attribution worker and dataset replay."""

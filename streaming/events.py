@@ -1,0 +1,149 @@
+"""The event contract: JSON Schema files in ``streaming/schemas`` plus checks a schema cannot express.
+
+``validate(raw, event_type)`` never raises on bad input: it returns either a validated ``Event`` or a
+``Rejection`` whose ``reason`` is a stable machine-readable code (what goes to the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from oneranker import config
+
+EVENT_TYPES = ("impression", "click", "conversion")
+SCHEMA_VERSIONS = (1,)
+MONEY_FIELDS = ("bid", "value")
+
+# Stable reason codes (the DLQ's `reason`). Producers can switch on them.
+NOT_UTF8 = "not_utf8"
+NOT_JSON = "not_json"
+NOT_OBJECT = "not_object"
+OVERSIZE = "oversize"
+UNKNOWN_EVENT_TYPE = "unknown_event_type"
+UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+NEGATIVE_MONEY = "negative_money"
+TS_TOO_OLD = "ts_too_old"
+TS_IN_FUTURE = "ts_in_future"
+INVALID_VALUE = "invalid_value"
+REASONS = (
+    NOT_UTF8, NOT_JSON, NOT_OBJECT, OVERSIZE, UNKNOWN_EVENT_TYPE, UNKNOWN_SCHEMA_VERSION,
+    MISSING_FIELD, WRONG_TYPE, NEGATIVE_MONEY, TS_TOO_OLD, TS_IN_FUTURE, INVALID_VALUE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event. ``data`` is the decoded JSON object (unknown fields kept, ignored)."""
+
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def event_id(self) -> str:
+        return self.data["event_id"]
+
+    @property
+    def user_id(self) -> str:
+        return self.data["user_id"]
+
+    @property
+    def ts(self) -> int:
+        return self.data["ts"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an input was refused. ``field`` names the offending field when there is one."""
+
+    reason: str
+    detail: str
+    field: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "field": self.field, "detail": self.detail}
+
+
+def schema_path(event_type: str) -> resources.abc.Traversable:
+    return resources.files("streaming").joinpath("schemas", f"{event_type}.v1.json")
+
+
+@lru_cache(maxsize=None)
+def schema(event_type: str) -> dict[str, Any]:
+    return json.loads(schema_path(event_type).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def _validator(event_type: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema(event_type))
+
+
+def _rejection_from_schema_error(err: jsonschema.ValidationError, doc: dict[str, Any]) -> Rejection:
+    name = str(err.path[0]) if err.path else None
+    if err.validator == "required":
+        missing = next((f for f in err.validator_value if f not in doc), None)
+        return Rejection(MISSING_FIELD, err.message, missing)
+    if err.validator == "type":
+        return Rejection(WRONG_TYPE, err.message, name)
+    if name in MONEY_FIELDS and err.validator == "minimum":
+        return Rejection(NEGATIVE_MONEY, err.message, name)
+    if name == "schema_version":
+        return Rejection(UNKNOWN_SCHEMA_VERSION, err.message, name)
+    return Rejection(INVALID_VALUE, err.message, name)
+
+
+def validate_object(doc: Any, event_type: str, now_ms: int | None = None) -> Event | Rejection:
+    """Validate an already-decoded JSON value as an event of ``event_type``."""
+    if event_type not in EVENT_TYPES:
+        return Rejection(UNKNOWN_EVENT_TYPE, f"unknown event type {event_type!r}")
+    if not isinstance(doc, dict):
+        return Rejection(NOT_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
+    # Booleans are JSON's own type but Python ints; a schema validator would accept True as ts=1.
+    for key in ("ts", "schema_version", "position"):
+        if isinstance(doc.get(key), bool):
+            return Rejection(WRONG_TYPE, f"{key} must be an integer, got a boolean", key)
+    errors = list(_validator(event_type).iter_errors(doc))
+    if errors:
+        # Report the most useful error first: missing > type > the rest, in field order.
+        order = {"required": 0, "type": 1}
+        errors.sort(key=lambda e: order.get(e.validator, 2))
+        return _rejection_from_schema_error(errors[0], doc)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    ts = doc["ts"]
+    if ts < now - config.MAX_EVENT_AGE_MS:
+        return Rejection(TS_TOO_OLD, f"ts {ts} is more than {config.MAX_EVENT_AGE_MS} ms before now", "ts")
+    if ts > now + config.MAX_EVENT_FUTURE_MS:
+        return Rejection(TS_IN_FUTURE, f"ts {ts} is more than {config.MAX_EVENT_FUTURE_MS} ms after now", "ts")
+    return Event(event_type, doc)
+
+
+def validate(raw: bytes, event_type: str, now_ms: int | None = None,
+             max_bytes: int = config.MAX_EVENT_BYTES) -> Event | Rejection:
+    """Validate one raw Kafka message value as an event of ``event_type``."""
+    if raw is None:
+        return Rejection(NOT_JSON, "empty message (null value)")
+    if len(raw) > max_bytes:
+        return Rejection(OVERSIZE, f"message is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection(NOT_UTF8, str(exc))
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Rejection(NOT_JSON, str(exc))
+    return validate_object(doc, event_type, now_ms)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """Canonical wire form: compact, sorted keys, UTF-8 (byte-identical for equal events)."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")

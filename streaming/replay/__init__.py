@@ -1,0 +1,1 @@
+"""Dataset replay: real or synthetic interactions → a seeded ad layer → events on Kafka."""
