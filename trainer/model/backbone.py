@@ -1,0 +1,119 @@
+"""Step 1: heterogeneous tokens → causal HSTU blocks → H1.
+
+Sequence layout (DESIGN §5, trainer/data.py): index 0 is the user token, indices 1..L are the
+item-with-action tokens, LEFT-padded (padding has item id 0), so the newest token is always at L.
+The request's context token (device) is embedded here too but, because one training sequence
+serves many requests with different contexts, it is handed to Steps 2/3 as an extra memory token
+next to H1 rather than placed inside the causal sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.model.config import OneRankerConfig
+
+
+class TokenEmbedding(nn.Module):
+    """User / context / item-with-action tokens to d. The item table is shared with the output side
+    (Step-2 scores, Step-3 candidates, k-means fake items)."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.item = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.action = nn.Embedding(cfg.num_actions, d)
+        self.user = nn.Embedding(cfg.num_users, d)
+        self.device = nn.Embedding(cfg.num_devices, d)
+        self.type = nn.Embedding(3, d)  # 0 user, 1 context, 2 item-with-action
+        nn.init.normal_(self.item.weight, std=0.05)
+        for e in (self.action, self.user, self.device, self.type):
+            nn.init.normal_(e.weight, std=0.02)
+
+    def sequence(self, user: torch.Tensor, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """user [B], items/actions [B, L] → tokens [B, 1+L, d]."""
+        u = (self.user(user) + self.type.weight[0]).unsqueeze(1)
+        x = self.item(items) + self.action(actions) + self.type.weight[2]
+        return torch.cat([u, x], dim=1)
+
+    def context(self, device: torch.Tensor) -> torch.Tensor:
+        """device [*] → context tokens [*, d]."""
+        return self.device(device) + self.type.weight[1]
+
+
+def time_bucket(times: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """times [B, S] seconds (any origin) → log2-spaced buckets of |t_i - t_j| [B, S, S] in 1..n-1."""
+    dt = (times.unsqueeze(2) - times.unsqueeze(1)).abs()
+    b = torch.log2(1.0 + dt / 60.0).floor().long() + 1
+    return b.clamp(1, n_buckets - 1)
+
+
+class HSTUBlock(nn.Module):
+    """One HSTU layer: U,V,Q,K = split(SiLU(W·LN(x))); A = SiLU(QKᵀ/√dh + rab_pos + rab_time) / n;
+    y = W_o(LN(A·V) ⊙ U); x + y. n = the number of keys a query may attend (length normalisation)."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.h, self.dh = cfg.n_heads, d // cfg.n_heads
+        self.ln = nn.LayerNorm(d)
+        self.uvqk = nn.Linear(d, 4 * d)
+        self.ln_out = nn.LayerNorm(d)
+        self.o = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pos_bias = nn.Embedding(cfg.max_len + 2, self.h)
+        self.time_bias = nn.Embedding(cfg.time_buckets, self.h)
+        nn.init.zeros_(self.pos_bias.weight)
+        nn.init.zeros_(self.time_bias.weight)
+        self.max_rel = cfg.max_len + 1
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rel_pos: torch.Tensor,
+                tbucket: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d], mask bool [B, S, S] (causal & valid), rel_pos [S, S], tbucket [B, S, S]."""
+        B, S, _ = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.ln(x))).chunk(4, dim=-1)
+        q = q.view(B, S, self.h, self.dh).transpose(1, 2)
+        k = k.view(B, S, self.h, self.dh).transpose(1, 2)
+        v = v.view(B, S, self.h, self.dh).transpose(1, 2)
+        rab = self.pos_bias(rel_pos.clamp(max=self.max_rel)).permute(2, 0, 1).unsqueeze(0)  # [1,h,S,S]
+        rab = rab + self.time_bias(tbucket).permute(0, 3, 1, 2)  # [B,h,S,S]
+        m = mask.unsqueeze(1).to(x.dtype)
+        n = m.sum(-1, keepdim=True).clamp(min=1.0)
+        att = F.silu(q @ k.transpose(-1, -2) * (self.dh ** -0.5) + rab) * m / n
+        y = (self.drop(att) @ v).transpose(1, 2).reshape(B, S, -1)
+        return x + self.drop(self.o(self.ln_out(y) * u))
+
+
+class Backbone(nn.Module):
+    """Step 1. (user [B], items [B, L], actions [B, L], times [B, L] float seconds) → H1 [B, 1+L, d],
+    plus the key-validity mask [B, 1+L] (user token always valid, padding not)."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = TokenEmbedding(cfg)
+        self.blocks = nn.ModuleList([HSTUBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor, actions: torch.Tensor,
+                times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.drop(self.embed.sequence(user, items, actions) * math.sqrt(1.0))
+        B, S, _ = x.shape
+        valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], dim=1)  # [B, S]
+        idx = torch.arange(S, device=items.device)
+        rel = idx.unsqueeze(1) - idx.unsqueeze(0)  # [S, S] i - j
+        causal = rel >= 0
+        mask = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, S(query), S(key)]
+        t = torch.cat([times[:, :1], times], dim=1)
+        tb = time_bucket(t, self.cfg.time_buckets)
+        # Pairs touching the user token or padding use bucket 0 (no time relation).
+        tok = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:]], dim=1)
+        tb = torch.where(tok.unsqueeze(2) & tok.unsqueeze(1), tb, torch.zeros_like(tb))
+        for blk in self.blocks:
+            x = blk(x, mask, rel.clamp(min=0), tb)
+        return self.ln_f(x), valid

@@ -1,0 +1,108 @@
+"""Model configuration: one dataclass, sizes default to the paper's (DESIGN §5), a small CPU preset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass
+class OneRankerConfig:
+    # --- vocabulary (set from the data's id maps; index 0 = padding, 1 = unknown/OOV) ---
+    num_items: int = 1024
+    num_users: int = 1024
+    num_actions: int = 4  # features.tokens.Action: PAD, IMPRESSION, CLICK, CONVERSION
+    num_devices: int = 4  # 0 = unknown
+    # --- sizes (paper defaults) ---
+    d_model: int = 128
+    n_heads: int = 2
+    n_layers: int = 4  # Step 1 HSTU blocks
+    n_step2_layers: int = 2
+    n_step3_layers: int = 1
+    ffn_mult: int = 4
+    n_interest_tasks: int = 6
+    n_value_tasks: int = 2
+    n_fake_items: int = 32
+    max_len: int = 200  # history tokens fed to Step 1 (the user token comes on top)
+    dropout: float = 0.1
+    time_buckets: int = 32  # log-spaced buckets of |Δt| for the HSTU relative time bias
+    # Funnel stage of each interest task (a task with stage s is supervised by future tokens with
+    # action ≥ s). Empty = spread impression → click → conversion over the interest tasks in order.
+    interest_stages: tuple[int, ...] = ()
+    # --- ablation switches ---
+    use_step3: bool = True  # False = generation only: Step 2 scores rank everything
+    use_fake_items: bool = True  # False = no fake item tokens, no target-aware channel
+    decouple_tasks: bool = True  # False = one task head supervised by every stage
+    kv_passthrough: bool = True  # Step 3 cross-attends to concat(H1, Step-2 outputs); False = H1 only
+    use_dc_loss: bool = True
+    # --- losses ---
+    alpha: float = 1.0  # L_MTP
+    beta: float = 1.0  # L_rank (+ the pCTR/pCVR BCE)
+    gamma: float = 0.5  # L_DC
+    tau: float = 1.0  # DC teacher temperature
+    n_targets: int = 2  # multi-token prediction: future targets per position and stage
+    num_negatives: int = 256  # sampled softmax negatives per step (0 = full softmax)
+    # --- inference ---
+    retrieve_n: int = 50  # Step-2 top-N per head
+    top_k: int = 10
+    # --- training ---
+    train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+    @property
+    def n_tasks(self) -> int:
+        """Task tokens in Step 2 (1 when tasks are not decoupled)."""
+        return self.n_interest_tasks + self.n_value_tasks if self.decouple_tasks else 1
+
+    @property
+    def n_fake(self) -> int:
+        return self.n_fake_items if self.use_fake_items else 0
+
+    def stages(self) -> tuple[int, ...]:
+        """Funnel stage per interest task (1 impression, 2 click, 3 conversion), in funnel order."""
+        if self.interest_stages:
+            assert len(self.interest_stages) == self.n_interest_tasks
+            return tuple(sorted(self.interest_stages))
+        m = self.n_interest_tasks
+        return tuple(1 + (3 * i) // m for i in range(m))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OneRankerConfig":
+        d = dict(d)
+        if "interest_stages" in d:
+            d["interest_stages"] = tuple(d["interest_stages"])
+        return cls(**d)
+
+    def replace(self, **kw) -> "OneRankerConfig":
+        return replace(self, **kw)
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "small": dict(d_model=64, n_heads=2, n_layers=2, n_step2_layers=2, n_step3_layers=1,
+                  ffn_mult=2, n_interest_tasks=3, n_value_tasks=1, n_fake_items=16, max_len=50,
+                  retrieve_n=50, num_negatives=256, train_positions=16, batch_size=64),
+    "tiny": dict(d_model=16, n_heads=2, n_layers=1, n_step2_layers=1, n_step3_layers=1, ffn_mult=2,
+                 n_interest_tasks=2, n_value_tasks=1, n_fake_items=4, max_len=12, retrieve_n=5,
+                 top_k=3, num_negatives=16, dropout=0.0, time_buckets=8),
+}
+
+# Ablations by model name (the evaluate harness and the CLI use these names).
+ABLATIONS: dict[str, dict] = {
+    "oneranker": {},
+    "oneranker-gen-only": dict(use_step3=False, use_dc_loss=False),
+    "oneranker-no-fake": dict(use_fake_items=False),
+    "oneranker-no-fake-no-decouple": dict(use_fake_items=False, decouple_tasks=False),
+    "oneranker-no-kv": dict(kv_passthrough=False),
+    "oneranker-no-dc": dict(use_dc_loss=False),
+}
+
+
+def preset(name: str = "paper", **overrides) -> OneRankerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
+    return OneRankerConfig(**{**PRESETS[name], **overrides})

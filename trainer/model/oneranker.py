@@ -1,0 +1,76 @@
+"""OneRanker: Step 1 (backbone) → Step 2 (task + fake-item decoder) → Step 3 (ranker), one forward.
+
+Queries are taken at positions ``pos`` [B, P] of the sequence (index into the 1+L layout: 0 = user
+token, L = newest token); a query at ``pos`` sees H1 up to and including ``pos`` only, so one
+training sequence supervises many requests causally, and inference uses pos = L.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.model.backbone import Backbone
+from trainer.model.config import OneRankerConfig
+from trainer.model.ranker import Ranker
+from trainer.model.step2 import Step2
+
+
+class OneRanker(nn.Module):
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.step2 = Step2(cfg)
+        self.ranker = Ranker(cfg) if cfg.use_step3 else None
+        # log(bid) per item (catalog), used as a Step-3 candidate feature; 0 for pad/OOV.
+        self.register_buffer("item_log_bid", torch.zeros(cfg.num_items))
+
+    # --- plumbing -------------------------------------------------------------------------
+    @property
+    def item_table(self) -> torch.Tensor:
+        return self.backbone.embed.item.weight
+
+    def set_item_bids(self, bids: torch.Tensor) -> None:
+        self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)).to(self.item_log_bid))
+
+    @torch.no_grad()
+    def refresh_centroids(self, seed: int = 0) -> None:
+        self.step2.refresh_centroids(self.item_table.detach(), seed=seed)
+
+    def encode(self, user, items, actions, times, pos, device):
+        """→ memory [B,P,1+S,d] (context token, then H1) and its mask [B,P,1,1+S]."""
+        h1, valid = self.backbone(user, items, actions, times)  # [B,S,d], [B,S]
+        B, S, d = h1.shape
+        P = pos.shape[1]
+        idx = torch.arange(S, device=h1.device)
+        keys = valid.unsqueeze(1) & (idx.view(1, 1, S) <= pos.unsqueeze(2))  # [B,P,S]
+        ctx = self.backbone.embed.context(device).unsqueeze(2)  # [B,P,1,d]
+        mem = torch.cat([ctx, h1.unsqueeze(1).expand(B, P, S, d)], dim=2)
+        mask = torch.cat([torch.ones_like(keys[:, :, :1]), keys], dim=2).unsqueeze(2)
+        return mem, mask
+
+    def rank(self, mem, mask, s2_out, cand):
+        """Step 3 on candidates [B,P,C] given Step-2 outputs s2_out [B,P,Q,d] (the pass-through)."""
+        if self.cfg.kv_passthrough:
+            mem = torch.cat([mem, s2_out], dim=2)
+            mask = torch.cat([mask, torch.ones_like(mask[..., :1]).expand(*mask.shape[:-1], s2_out.shape[2])], dim=-1)
+        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand])
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, user, items, actions, times, pos, device, cand=None) -> dict:
+        """user [B], items/actions [B,L], times [B,L], pos [B,P], device [B,P], cand [B,P,C] →
+        dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C])."""
+        mem, mask = self.encode(user, items, actions, times, pos, device)
+        task, fake, s_target = self.step2(mem, mask)
+        out = {"task": task, "fake": fake, "s_target": s_target}
+        if cand is not None:
+            out["gen_cand"] = self.step2.score_each(task, s_target, self.item_table[cand])
+            if self.ranker is not None:
+                s2 = torch.cat([task, fake], dim=2)
+                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand)
+        return out
+
+    def corpus_scores(self, task, s_target) -> torch.Tensor:
+        """Dual-channel scores over the whole item table: [B,P,T,num_items]."""
+        return self.step2.score_all(task, s_target, self.item_table)

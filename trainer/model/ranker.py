@@ -1,0 +1,45 @@
+"""Step 3: the ranking decoder with K/V pass-through, plus calibrated pCTR / pCVR heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.model.attention import DecoderLayer
+from trainer.model.config import OneRankerConfig
+
+
+def step3_mask(n_cand: int) -> torch.Tensor:
+    """[1+C, 1+C] self-attention mask: T_r sees itself; each candidate sees T_r and itself only,
+    so a candidate's score never depends on the other candidates."""
+    i = torch.arange(1 + n_cand).unsqueeze(1)
+    j = torch.arange(1 + n_cand).unsqueeze(0)
+    return (i == j) | (j == 0)
+
+
+class Ranker(nn.Module):
+    """(memory [B,P,K,d], mem_mask [B,P,1,K], candidate vectors [B,P,C,d], log-bids [B,P,C])
+    → score [B,P,C], pCTR logit [B,P,C], pCVR logit [B,P,C]."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.rank_token = nn.Parameter(torch.randn(d) * 0.02)
+        self.bid = nn.Linear(1, d)
+        self.layers = nn.ModuleList([DecoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
+                                     for _ in range(cfg.n_step3_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Sequential(nn.Linear(3 * d, d), nn.SiLU(), nn.Linear(d, 3))
+
+    def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor, cand: torch.Tensor,
+                log_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, P, C, d = cand.shape
+        c = cand + self.bid(log_bid.unsqueeze(-1))
+        x = torch.cat([self.rank_token.expand(B, P, 1, d), c], dim=2)  # [B,P,1+C,d]
+        mask = step3_mask(C).to(cand.device)
+        for layer in self.layers:
+            x = layer(x, mem, mem_mask, mask)
+        x = self.ln_f(x)
+        tr, xc = x[:, :, :1].expand(B, P, C, d), x[:, :, 1:]
+        out = self.head(torch.cat([xc, tr, xc * cand], dim=-1))  # [B,P,C,3]
+        return out[..., 0], out[..., 1], out[..., 2]
