@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import signal
@@ -156,6 +158,15 @@ def up(
         if consumed.events != produced.events:
             console.print(f"[red]consumed {consumed.events} of {produced.events} events[/red]")
             raise typer.Exit(1)
+
+
+bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# Each component package adds its own commands: ``register(app, bench_app)`` in <package>/cli.py.
+for _module in ("streaming.cli", "features.cli", "trainer.cli", "exporter.cli", "deploy.cli"):
+    if importlib.util.find_spec(_module) is not None:
+        importlib.import_module(_module).register(app, bench_app)
 
 
 if __name__ == "__main__":
