@@ -29,20 +29,20 @@ class TokenEmbedding(nn.Module):
         self.action = nn.Embedding(cfg.num_actions, d)
         self.user = nn.Embedding(cfg.num_users, d)
         self.device = nn.Embedding(cfg.num_devices, d)
-        self.type = nn.Embedding(3, d)  # 0 user, 1 context, 2 item-with-action
+        self.kind = nn.Embedding(3, d)  # 0 user, 1 context, 2 item-with-action
         nn.init.normal_(self.item.weight, std=0.05)
-        for e in (self.action, self.user, self.device, self.type):
+        for e in (self.action, self.user, self.device, self.kind):
             nn.init.normal_(e.weight, std=0.02)
 
     def sequence(self, user: torch.Tensor, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """user [B], items/actions [B, L] → tokens [B, 1+L, d]."""
-        u = (self.user(user) + self.type.weight[0]).unsqueeze(1)
-        x = self.item(items) + self.action(actions) + self.type.weight[2]
+        u = (self.user(user) + self.kind.weight[0]).unsqueeze(1)
+        x = self.item(items) + self.action(actions) + self.kind.weight[2]
         return torch.cat([u, x], dim=1)
 
     def context(self, device: torch.Tensor) -> torch.Tensor:
         """device [*] → context tokens [*, d]."""
-        return self.device(device) + self.type.weight[1]
+        return self.device(device) + self.kind.weight[1]
 
 
 def time_bucket(times: torch.Tensor, n_buckets: int) -> torch.Tensor:
