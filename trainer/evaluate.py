@@ -1,0 +1,253 @@
+"""Offline training + evaluation of OneRanker, its ablations and the baselines on one dataset.
+
+Same datasets and ad layer as the replay tool (streaming.replay.adlayer.load_requests); split by
+time with each user's last request held out; histories built with features.tokens.TokenSequence
+(click and conversion tokens; impressions are popularity-sampled noise in the replayed datasets).
+Every model gets the same data, epochs, batch size and positions per sequence.
+
+    python -m trainer.evaluate --dataset movielens-100k --models all --out eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import metrics
+from trainer.data import IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout
+from trainer.infer import rank_topk, score_candidates
+from trainer.losses import oneranker_loss
+from trainer.model.baselines import Cascade, Popularity, SASRec
+from trainer.model.config import ABLATIONS, preset as make_preset
+from trainer.model.oneranker import OneRanker
+
+BASELINES = ("popularity", "sasrec", "cascade")
+ALL_MODELS = BASELINES + tuple(ABLATIONS)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(name: str, cfg):
+    if name == "popularity":
+        return Popularity(cfg)
+    if name == "sasrec":
+        return SASRec(cfg)
+    if name == "cascade":
+        return Cascade(cfg)
+    if name in ABLATIONS:
+        return OneRanker(cfg.replace(**ABLATIONS[name]))
+    raise ValueError(f"unknown model {name!r}: use {', '.join(ALL_MODELS)}")
+
+
+def _to(batch: dict, dev: torch.device) -> dict:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: torch.Tensor,
+          progress=None, label: str = "") -> dict:
+    """Train ``model`` for ``epochs`` passes over ``chunks``. Returns last-epoch mean loss parts."""
+    if isinstance(model, Popularity):
+        return {}
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(chunks) / cfg.batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    task = progress.add_task(label, total=total) if progress is not None else None
+    parts_sum: dict[str, float] = {}
+    model.train()
+    for ep in range(epochs):
+        if isinstance(model, OneRanker):
+            model.refresh_centroids(seed=seed + ep)
+        perm = rng.permutation(len(chunks))
+        parts_sum = {}
+        for s in range(steps_per_epoch):
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            batch = _to(collate_chunks([chunks[i] for i in idx], cfg.max_len, cfg.train_positions, rng), dev)
+            with amp:
+                if isinstance(model, OneRanker):
+                    out = model(batch["user"], batch["items"], batch["actions"], batch["times"],
+                                batch["pos"], batch["device"], batch["cand"])
+                    loss, parts = oneranker_loss(model, out, batch, log_q, gen)
+                else:
+                    loss, parts = model.loss(batch, log_q, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / steps_per_epoch
+            if task is not None:
+                progress.update(task, advance=1, description=f"{label} ep{ep + 1} " +
+                                " ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+    if isinstance(model, OneRanker):
+        model.refresh_centroids(seed=seed + epochs)
+    return parts_sum
+
+
+@torch.no_grad()
+def evaluate_model(model, held_batches: list[dict], dev: torch.device) -> dict:
+    """Full-corpus retrieval on the held-out clicks (seen items excluded), ranking metrics on the
+    held-out requests' exposed ads, and Step-2/Step-3 consistency for OneRanker with Step 3."""
+    model.eval()
+    tops, targets, scores, ctrs, clicks, values, valids, cons = [], [], [], [], [], [], [], []
+    for hb in held_batches:
+        b = _to(hb, dev)
+        eligible = ~b["seen"]
+        dev_ctx = b["device"][:, 0]
+        if isinstance(model, OneRanker):
+            ids, _, extra = rank_topk(model, b["user"], b["items"], b["actions"], b["times"], dev_ctx,
+                                      eligible, k=50, return_all=True)
+            if model.ranker is not None:
+                cons.append({k: v.float().cpu() for k, v in extra.items()})
+            sc = score_candidates(model, b["user"], b["items"], b["actions"], b["times"], dev_ctx, b["cand"][:, 0])
+        elif isinstance(model, Cascade):
+            rid, rs = model.corpus(b, eligible)
+            ids = torch.gather(rid, 1, rs.topk(min(50, rs.shape[1]), 1).indices)
+            sc = model.candidates(b)
+        else:
+            s = model.corpus(b).float().masked_fill(~eligible, -1e9)
+            ids = s.topk(50, 1).indices
+            sc = model.candidates(b)
+        tops.append(ids.cpu())
+        targets.append(b["target"].cpu())
+        scores.append(sc["score"].float().cpu())
+        ctrs.append(sc["ctr"].float().cpu() if "ctr" in sc else None)
+        clicks.append(b["click"].cpu())
+        values.append(b["value"].cpu())
+        valids.append(b["cand"][:, 0].cpu() > 0)
+    top, target = torch.cat(tops), torch.cat(targets)
+    score, click, value, valid = torch.cat(scores), torch.cat(clicks), torch.cat(values), torch.cat(valids)
+    res = metrics.hit_ndcg(top, target)
+    res["vndcg@10"] = metrics.value_ndcg(score, value, valid, 10)
+    res["revenue@3"] = metrics.revenue_at(score, value, valid, 3)
+    has_ctr = all(c is not None for c in ctrs)
+    ctr = torch.cat(ctrs) if has_ctr else None
+    res["gauc"] = metrics.gauc(ctr if has_ctr else score, click, valid)
+    res["logloss"] = metrics.logloss(ctr, click, valid) if has_ctr else None
+    if cons:
+        res["consistency"] = metrics.consistency(torch.cat([c["gen"] for c in cons]),
+                                                 torch.cat([c["score"] for c in cons]),
+                                                 torch.cat([c["drop"] for c in cons]).bool())
+    return res
+
+
+def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "all", preset: str = "small",
+                  epochs: int = 3, device: str = "auto", out: str | None = None, seed: int = 0,
+                  limit: int | None = None, threads: int = 2, show: bool = True, **overrides) -> dict:
+    """Train and evaluate every model in ``models`` (comma list, or 'all') under one budget; print a
+    table; write JSON to ``out``. Returns the result dict."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from streaming.replay.adlayer import load_requests
+
+    t_start = time.time()
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    names = list(ALL_MODELS) if models in ("all", ["all"]) else (
+        [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models))
+    console = Console(quiet=not show, width=200)
+    requests, catalog = load_requests(dataset, seed=seed, limit=limit)
+    items, users = IdMap(), IdMap()
+    cfg0 = make_preset(preset, **overrides)
+    streams, held = build_streams(requests, catalog, items, users, n_targets=cfg0.n_targets, seed=seed)
+    chunks = chunk_streams(streams, cfg0.max_len)
+    cfg = cfg0.replace(num_items=len(items), num_users=len(users))
+    bids = torch.ones(len(items))
+    for a, b in zip(catalog.ad_id, catalog.bid):
+        bids[items.get(str(a))] = float(b)
+    clicks = torch.zeros(len(items))
+    for st in streams:
+        for q in st.queries:
+            for c, k in zip(q.cand, q.click):
+                clicks[c] += k
+    q = (clicks + 1.0) ** 0.75
+    q[:2] = 0
+    log_q = torch.log((q / q.sum()).clamp(min=1e-12)).to(dev)
+    held_batches = [collate_heldout(held[i:i + 256], items, cfg.max_len, cfg.num_items)
+                    for i in range(0, len(held), 256)]
+    console.print(f"[bold]{dataset}[/]: {sum(len(s.queries) for s in streams)} training requests in "
+                  f"{len(chunks)} sequences, {len(held)} held-out requests, {len(items) - 2} ads; "
+                  f"preset={preset} epochs={epochs} device={dev}")
+    results: dict = {"dataset": dataset, "preset": preset, "epochs": epochs, "seed": seed, "device": str(dev),
+                     "config": {k: v for k, v in cfg.to_dict().items()}, "n_train_requests":
+                     sum(len(s.queries) for s in streams), "n_heldout": len(held), "models": {}}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        for name in names:
+            torch.manual_seed(seed)
+            model = build_model(name, cfg).to(dev)
+            if hasattr(model, "set_item_bids"):
+                model.set_item_bids(bids.to(dev))
+            if isinstance(model, Popularity):
+                model.fit(clicks)
+            t0 = time.time()
+            parts = train(model, chunks, getattr(model, "cfg", cfg), epochs, dev, seed, log_q, progress, name)
+            t1 = time.time()
+            r = evaluate_model(model, held_batches, dev)
+            r["train_loss"] = parts
+            r["train_seconds"] = round(t1 - t0, 1)
+            r["eval_seconds"] = round(time.time() - t1, 1)
+            r["params"] = sum(p.numel() for p in model.parameters())
+            results["models"][name] = r
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    table = Table(title=f"{dataset} — {preset} preset, {epochs} epochs, {dev}")
+    cols = ["hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "vndcg@10", "revenue@3", "gauc", "logloss",
+            "overlap@10", "rank_diff", "train_s"]
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, r in results["models"].items():
+        cons = r.get("consistency", {})
+        vals = [r.get(c) for c in cols[:10]] + [cons.get("overlap@10"), cons.get("mean_abs_rank_diff"),
+                                                 r["train_seconds"]]
+        table.add_row(name, *("-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10
+                              else f"{v:.1f}" for v in vals))
+    console.print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {out}")
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="movielens-100k")
+    p.add_argument("--models", default="all", help=f"comma list or 'all': {', '.join(ALL_MODELS)}")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N interactions/requests only")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set gamma=0.5 (applies to every model)")
+    a = p.parse_args(argv)
+    overrides = {}
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+    evaluate_main(a.dataset, a.models, a.preset, a.epochs, a.device, a.out, a.seed, a.limit, a.threads, **overrides)
+
+
+if __name__ == "__main__":
+    main()

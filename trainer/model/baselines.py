@@ -1,0 +1,135 @@
+"""Baselines in the same harness: popularity, SASRec (generation only), cascade (SASRec retrieve →
+pointwise ranker MLP on the same features). Same token inputs and batches as OneRanker."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.losses import bce, sampled_softmax, sample_negatives
+from trainer.model.config import OneRankerConfig
+
+NEG = -1e9
+
+
+class Popularity(nn.Module):
+    """Scores every item by its training click count."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("count", torch.zeros(cfg.num_items))
+
+    def fit(self, click_counts: torch.Tensor) -> None:
+        self.count.copy_(click_counts.float())
+
+    def corpus(self, batch) -> torch.Tensor:
+        return self.count.unsqueeze(0).expand(batch["items"].shape[0], -1)
+
+    def candidates(self, batch) -> dict:
+        return {"score": self.count[batch["cand"][:, 0]]}
+
+
+class SASRec(nn.Module):
+    """Causal softmax transformer over item(+action) tokens with learned absolute positions; the
+    state at a query position scores items by dot product. Trained on next-click targets."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.item = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.action = nn.Embedding(cfg.num_actions, d)
+        self.user = nn.Embedding(cfg.num_users, d)
+        self.pos = nn.Embedding(cfg.max_len + 1, d)
+        nn.init.normal_(self.item.weight, std=0.05)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ffn_mult * d, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(d)
+
+    def states(self, batch) -> torch.Tensor:
+        """→ user states at the query positions [B, P, d]."""
+        items, actions = batch["items"], batch["actions"]
+        B, L = items.shape
+        x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
+        x = x + self.pos.weight[: L + 1]
+        valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
+        causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
+        # A fully masked row (padding queries) would NaN: let padding rows see themselves.
+        pad_self = ~valid
+        h = self.enc(x, mask=causal, src_key_padding_mask=pad_self)
+        h = self.ln(torch.nan_to_num(h))
+        pos = batch["pos"]
+        return torch.gather(h, 1, pos.unsqueeze(-1).expand(*pos.shape, h.shape[-1]))
+
+    def gen_loss(self, h, batch, log_q, generator=None) -> torch.Tensor:
+        ids = batch["targets"][:, :, 1] * batch["pos_valid"].unsqueeze(-1)  # click stage [B,P,n_t]
+        m = self.cfg.num_negatives
+        neg_ids = sample_negatives(log_q, m, generator)
+        pos = (h.unsqueeze(2) * self.item(ids)).sum(-1)
+        neg = h @ self.item.weight[neg_ids].T
+        return sampled_softmax(pos, neg, ids, neg_ids, log_q + math.log(m), torch.ones_like(pos))
+
+    def loss(self, batch, log_q, generator=None):
+        l = self.gen_loss(self.states(batch), batch, log_q, generator)
+        return l, {"mtp": float(l)}
+
+    def corpus(self, batch) -> torch.Tensor:
+        return self.states(batch)[:, 0] @ self.item.weight.T
+
+    def candidates(self, batch) -> dict:
+        h = self.states(batch)[:, 0]
+        return {"score": (h.unsqueeze(1) * self.item(batch["cand"][:, 0])).sum(-1)}
+
+
+class Cascade(nn.Module):
+    """SASRec retrieves top-N from the corpus; a pointwise MLP ranker on the same features
+    (user state, item embedding, their product, log bid, device) predicts pCTR and reranks.
+    The ranker sees detached SASRec features, so retrieval is exactly SASRec."""
+
+    def __init__(self, cfg: OneRankerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.retriever = SASRec(cfg)
+        self.device_emb = nn.Embedding(cfg.num_devices, d)
+        self.mlp = nn.Sequential(nn.Linear(4 * d + 1, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.SiLU(),
+                                 nn.Linear(d, 1))
+        self.register_buffer("item_log_bid", torch.zeros(cfg.num_items))
+
+    def set_item_bids(self, bids: torch.Tensor) -> None:
+        self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)))
+
+    def ctr_logit(self, h, device, cand) -> torch.Tensor:
+        """h [B,P,d], device [B,P], cand [B,P,C] → [B,P,C]."""
+        e = self.retriever.item(cand).detach()
+        h = h.detach().unsqueeze(2).expand_as(e)
+        dv = self.device_emb(device).unsqueeze(2).expand_as(e)
+        f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1)], -1)
+        return self.mlp(f).squeeze(-1)
+
+    def loss(self, batch, log_q, generator=None):
+        h = self.retriever.states(batch)
+        g = self.retriever.gen_loss(h, batch, log_q, generator)
+        valid = (batch["cand"] > 0) & batch["pos_valid"].unsqueeze(-1)
+        r = bce(self.ctr_logit(h, batch["device"], batch["cand"]), batch["click"], valid)
+        return g + r, {"mtp": float(g), "ctr": float(r)}
+
+    def corpus(self, batch, eligible=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (ids [B, N] retrieved by SASRec, ranker scores [B, N]) with ineligible ones at NEG."""
+        h = self.retriever.states(batch)
+        s = h[:, 0] @ self.retriever.item.weight.T
+        if eligible is not None:
+            s = s.masked_fill(~eligible, NEG)
+        rs, ids = s.topk(min(self.cfg.retrieve_n, s.shape[-1]), -1)
+        ctr = self.ctr_logit(h, batch["device"], ids.unsqueeze(1))[:, 0]
+        return ids, ctr.masked_fill(rs <= NEG / 2, NEG)
+
+    def candidates(self, batch) -> dict:
+        h = self.retriever.states(batch)
+        ctr = self.ctr_logit(h, batch["device"], batch["cand"])[:, 0]
+        return {"score": ctr, "ctr": ctr}
