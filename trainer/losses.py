@@ -108,4 +108,4 @@ def oneranker_loss(model, out: dict, batch: dict, log_q: torch.Tensor,
         if cfg.use_dc_loss:
             parts["dc"] = dc_loss(out["score"], out["gen_cand"].mean(2), valid, cfg.tau)
             loss = loss + cfg.gamma * parts["dc"]
-    return loss, {k: float(v) for k, v in parts.items()}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}

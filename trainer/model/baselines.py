@@ -76,7 +76,7 @@ class SASRec(nn.Module):
 
     def loss(self, batch, log_q, generator=None):
         l = self.gen_loss(self.states(batch), batch, log_q, generator)
-        return l, {"mtp": float(l)}
+        return l, {"mtp": float(l.detach())}
 
     def corpus(self, batch) -> torch.Tensor:
         return self.states(batch)[:, 0] @ self.item.weight.T
@@ -117,7 +117,7 @@ class Cascade(nn.Module):
         g = self.retriever.gen_loss(h, batch, log_q, generator)
         valid = (batch["cand"] > 0) & batch["pos_valid"].unsqueeze(-1)
         r = bce(self.ctr_logit(h, batch["device"], batch["cand"]), batch["click"], valid)
-        return g + r, {"mtp": float(g), "ctr": float(r)}
+        return g + r, {"mtp": float(g.detach()), "ctr": float(r.detach())}
 
     def corpus(self, batch, eligible=None) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (ids [B, N] retrieved by SASRec, ranker scores [B, N]) with ineligible ones at NEG."""

@@ -1,0 +1,157 @@
+"""Mechanism tests for the OneRanker model (tiny configs, CPU, milliseconds each)."""
+
+import pytest
+import torch
+
+from trainer.data import last_position
+from trainer.infer import example_inputs, rank_topk, score_candidates
+from trainer.losses import oneranker_loss
+from trainer.model.config import ABLATIONS, preset
+from trainer.model.oneranker import OneRanker
+from trainer.model.step2 import kmeans, step2_mask
+
+
+def tiny(**kw):
+    return preset("tiny", num_items=40, num_users=10, **kw)
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    m = OneRanker(tiny(**kw)).eval()
+    m.refresh_centroids()
+    return m
+
+
+def inputs(cfg, B=3, L=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    user, items, actions, times, device, _ = example_inputs(cfg, B, L or cfg.max_len, g)
+    return user, items, actions, times, device
+
+
+def test_step2_mask_is_exact():
+    T, F_ = 1, 0  # readability
+    expected = torch.tensor([
+        # t0 t1 t2 f0 f1
+        [1, 0, 0, 1, 1],  # task 0 (impression) sees itself + all fakes
+        [1, 1, 0, 1, 1],  # task 1 sees tasks ≤ 1
+        [1, 1, 1, 1, 1],  # task 2
+        [1, 1, 1, 1, 0],  # fake 0 sees all tasks and only itself among fakes
+        [1, 1, 1, 0, 1],  # fake 1
+    ], dtype=torch.bool)
+    assert torch.equal(step2_mask(3, 2), expected)
+    assert torch.equal(step2_mask(2, 0), torch.tensor([[1, 0], [1, 1]], dtype=torch.bool))
+
+
+def test_task_tokens_follow_the_funnel():
+    cfg = preset("paper")
+    assert cfg.stages() == tuple(sorted(cfg.stages())) and cfg.stages()[0] == 1 and cfg.stages()[-1] == 3
+    assert cfg.n_tasks == 8 and cfg.replace(decouple_tasks=False).n_tasks == 1
+
+
+def test_step1_is_causal():
+    m = model()
+    user, items, actions, times, _ = inputs(m.cfg, L=8)
+    items[:, :] = torch.randint(2, 40, items.shape)  # no padding
+    actions[:, :] = 2
+    h1, _ = m.backbone(user, items, actions, times)
+    t = 4  # item index; H1 index 1 + t
+    items2, actions2, times2 = items.clone(), actions.clone(), times.clone()
+    items2[:, t + 1:] = torch.randint(2, 40, items2[:, t + 1:].shape)
+    actions2[:, t + 1:] = 3
+    times2[:, t + 1:] += 1234.0
+    h2, _ = m.backbone(user, items2, actions2, times2)
+    assert torch.allclose(h1[:, : t + 2], h2[:, : t + 2], atol=1e-6)
+    assert not torch.allclose(h1[:, t + 2:], h2[:, t + 2:], atol=1e-4)
+
+
+def test_step2_query_sees_only_its_prefix():
+    m = model()
+    user, items, actions, times, device = inputs(m.cfg, L=8)
+    items[:, :] = torch.randint(2, 40, items.shape)
+    pos = torch.tensor([[3, 8]] * 3)
+    dev = device.view(-1, 1).expand(-1, 2)
+    a = m(user, items, actions, times, pos, dev)
+    items[:, 5:] = torch.randint(2, 40, items[:, 5:].shape)
+    b = m(user, items, actions, times, pos, dev)
+    assert torch.allclose(a["task"][:, 0], b["task"][:, 0], atol=1e-6)
+    assert not torch.allclose(a["task"][:, 1], b["task"][:, 1], atol=1e-4)
+
+
+def test_step3_score_ignores_other_candidates():
+    m = model()
+    user, items, actions, times, device = inputs(m.cfg)
+    cand = torch.randint(2, 40, (3, 6))
+    s1 = score_candidates(m, user, items, actions, times, device, cand)["score"]
+    cand2 = cand.clone()
+    cand2[:, 1:] = torch.randint(2, 40, (3, 5))
+    s2 = score_candidates(m, user, items, actions, times, device, cand2)["score"]
+    assert torch.allclose(s1[:, 0], s2[:, 0], atol=1e-6)
+    s3 = score_candidates(m, user, items, actions, times, device, cand[:, :1])["score"]
+    assert torch.allclose(s1[:, :1], s3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_step2_outputs_pass_through_to_step3(kv):
+    m = model(kv_passthrough=kv)
+    user, items, actions, times, device = inputs(m.cfg)
+    pos = last_position(items)
+    mem, mask = m.encode(user, items, actions, times, pos, device.view(-1, 1))
+    task, fake, _ = m.step2(mem, mask)
+    s2 = torch.cat([task, fake], dim=2)
+    cand = torch.randint(2, 40, (3, 1, 5))
+    a = m.rank(mem, mask, s2, cand)[0]
+    b = m.rank(mem, mask, s2 + torch.randn_like(s2), cand)[0]
+    assert (not torch.allclose(a, b, atol=1e-4)) if kv else torch.allclose(a, b, atol=1e-7)
+
+
+def _batch(cfg, B=2, P=3, C=4, T=None):
+    g = torch.Generator().manual_seed(1)
+    user, items, actions, times, device = inputs(cfg, B)
+    T = cfg.n_targets
+    click = torch.zeros(B, P, C)
+    click[:, :, 0] = 1
+    return {"user": user, "items": items, "actions": actions, "times": times,
+            "pos": torch.tensor([[0, 5, cfg.max_len]] * B), "pos_valid": torch.ones(B, P, dtype=torch.bool),
+            "device": device.view(-1, 1).expand(B, P), "cand": torch.randint(2, 40, (B, P, C), generator=g),
+            "click": click, "conv": click.clone(), "value": click * 2.0,
+            "targets": torch.randint(2, 40, (B, P, 3, T), generator=g), "target_values": torch.rand(B, P, T) + 1}
+
+
+def test_no_gradient_reaches_the_ranker_through_the_dc_teacher():
+    m = model(alpha=0.0, beta=0.0, gamma=1.0)
+    m.train()
+    b = _batch(m.cfg)
+    out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"])
+    log_q = torch.full((40,), -torch.log(torch.tensor(38.0)))
+    loss, parts = oneranker_loss(m, out, b, log_q)
+    loss.backward()
+    assert parts["dc"] > 0
+    ranker_grads = [p.grad for p in m.ranker.parameters()]
+    assert all(g is None or not g.any() for g in ranker_grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.step2.parameters())
+
+
+def test_fake_item_tokens_are_the_current_centroids():
+    m = model()
+    before = m.step2.fake_tokens().clone()
+    with torch.no_grad():
+        m.item_table.mul_(3.0).add_(1.0)
+    m.refresh_centroids(seed=0)
+    expect = kmeans(m.item_table.detach()[2:], m.cfg.n_fake_items, seed=0)
+    assert torch.allclose(m.step2.fake_tokens(), expect)
+    assert not torch.allclose(before, m.step2.fake_tokens())
+    # and they are the query tokens Step 2 actually decodes from
+    q = torch.cat([m.step2.task, m.step2.fake_tokens()])
+    assert torch.equal(q[m.cfg.n_tasks:], expect)
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_ranks_and_respects_eligibility(name):
+    m = model(**ABLATIONS[name])
+    user, items, actions, times, device = inputs(m.cfg)
+    eligible = torch.zeros(3, 40, dtype=torch.bool)
+    eligible[:, 10:20] = True
+    ids, scores = rank_topk(m, user, items, actions, times, device, eligible, k=3)
+    assert ids.shape == (3, 3) and ((ids >= 10) & (ids < 20)).all()
+    assert len(set(ids[0].tolist())) == 3  # merged heads are deduplicated
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
