@@ -29,8 +29,19 @@ BootstrapOpt = typer.Option(
     help="Kafka bootstrap servers (host:port[,…]); default 127.0.0.1:9092.")
 
 
-def _bootstrap(value: Optional[str]) -> str:
-    return value or config.settings().bootstrap_servers
+def _bootstrap(value: Optional[str], connect_timeout_s: float | None = None) -> str:
+    """The bootstrap servers to use; with a timeout, first check that a broker answers there."""
+    bootstrap = value or config.settings().bootstrap_servers
+    if connect_timeout_s is not None:
+        from oneranker.kafka import wait_for_broker
+
+        try:
+            wait_for_broker(bootstrap, connect_timeout_s).close()
+        except TimeoutError as exc:
+            console.print(f"[red]error:[/red] {exc}. Start one with `oneranker broker` or pass "
+                          "--bootstrap-servers / ONERANKER_KAFKA.")
+            raise typer.Exit(2) from None
+    return bootstrap
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -91,10 +102,13 @@ def produce(
     catalog_out: Optional[Path] = typer.Option(None, help="Write the ad catalog parquet here "
                                                "(default: $ONERANKER_HOME/ad_catalog.parquet)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker to answer."),
     bootstrap_servers: Optional[str] = BootstrapOpt,
 ) -> None:
     """Replay a dataset as impression/click/conversion events (JSON, key = user_id)."""
     import pyarrow.parquet as pq
+
+    bootstrap = _bootstrap(bootstrap_servers, connect_timeout)
 
     from streaming.replay.adlayer import load_requests, request_events
     from streaming.replay.producer import publish
@@ -107,7 +121,7 @@ def produce(
     pq.write_table(catalog.to_arrow(), catalog_path)
     console.print(f"{len(requests):,} requests → {len(events):,} events; ad catalog ({len(catalog):,} ads) "
                   f"at {catalog_path}")
-    summary = publish(events, _bootstrap(bootstrap_servers), pace=pace)
+    summary = publish(events, bootstrap, pace=pace)
     _print_summary(f"produced ({dataset})", summary.as_dict())
     if json_out:
         json_out.write_text(json.dumps(summary.as_dict(), indent=2))
@@ -121,12 +135,13 @@ def summarize(
     expect: Optional[int] = typer.Option(None, help="Stop after this many events."),
     idle: float = typer.Option(5.0, help="Stop after this many seconds without a new event."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON here."),
+    connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker to answer."),
     bootstrap_servers: Optional[str] = BootstrapOpt,
 ) -> None:
     """Read the event topics from the beginning and summarise them (events by type, users, ads)."""
     from streaming.replay.producer import consume_all
 
-    summary, _ = consume_all(_bootstrap(bootstrap_servers), expect=expect, idle_s=idle)
+    summary, _ = consume_all(_bootstrap(bootstrap_servers, connect_timeout), expect=expect, idle_s=idle)
     _print_summary("consumed (event topics)", summary.as_dict())
     if json_out:
         json_out.write_text(json.dumps(summary.as_dict(), indent=2))

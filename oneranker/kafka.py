@@ -24,7 +24,9 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> KafkaAdminClient
     try:
         while time.monotonic() < deadline:
             try:
+                left_ms = max(200, int((deadline - time.monotonic()) * 1000))
                 admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000,
+                                         bootstrap_timeout_ms=min(left_ms, 5000),
                                          client_id="oneranker-admin")
                 admin.list_topics()
                 return admin

@@ -1,0 +1,79 @@
+"""The event contract: schema files, validation reasons for every malformed-input class."""
+
+import json
+import time
+
+import jsonschema
+import pytest
+
+from streaming import events as ev
+
+NOW = 1_790_000_000_000
+
+
+def impression(**overrides):
+    data = {"event_id": "e1", "schema_version": 1, "ts": NOW, "request_id": "r1", "user_id": "u1",
+            "ad_id": "a1", "position": 1, "bid": 0.5, "context": {"device": "ios", "hour": 3}}
+    data.update(overrides)
+    return data
+
+
+def raw(data) -> bytes:
+    return json.dumps(data).encode()
+
+
+def without(data, key):
+    data = dict(data)
+    del data[key]
+    return data
+
+
+@pytest.mark.parametrize("event_type", ev.EVENT_TYPES)
+def test_schema_files_are_valid_json_schema(event_type):
+    jsonschema.Draft202012Validator.check_schema(ev.schema(event_type))
+
+
+def test_valid_events_pass_and_keep_unknown_fields():
+    result = ev.validate(raw(impression(extra_field="kept")), "impression", now_ms=NOW)
+    assert isinstance(result, ev.Event)
+    assert result.data["extra_field"] == "kept"
+    click = {k: v for k, v in impression().items() if k not in ("position", "bid", "context")}
+    assert isinstance(ev.validate(raw(click), "click", now_ms=NOW), ev.Event)
+    assert isinstance(ev.validate(raw({**click, "value": 12.5}), "conversion", now_ms=NOW), ev.Event)
+
+
+@pytest.mark.parametrize("payload, event_type, reason, field", [
+    (b"\xff\xfe not utf8", "impression", ev.NOT_UTF8, None),
+    (b"{not json", "impression", ev.NOT_JSON, None),
+    (b"[1, 2]", "impression", ev.NOT_OBJECT, None),
+    (raw(without(impression(), "ad_id")), "impression", ev.MISSING_FIELD, "ad_id"),
+    (raw(without(impression(), "bid")), "impression", ev.MISSING_FIELD, "bid"),
+    (raw(impression(ts="yesterday")), "impression", ev.WRONG_TYPE, "ts"),
+    (raw(impression(ts=True)), "impression", ev.WRONG_TYPE, "ts"),
+    (raw(impression(user_id=42)), "impression", ev.WRONG_TYPE, "user_id"),
+    (raw(impression(bid=-0.01)), "impression", ev.NEGATIVE_MONEY, "bid"),
+    (raw({**without(impression(), "bid"), "value": -3}), "conversion", ev.NEGATIVE_MONEY, "value"),
+    (raw(impression(ts=NOW - 10 * 365 * 86400_000)), "impression", ev.TS_TOO_OLD, "ts"),
+    (raw(impression(ts=NOW + 30 * 86400_000)), "impression", ev.TS_IN_FUTURE, "ts"),
+    (raw(impression(schema_version=2)), "impression", ev.UNKNOWN_SCHEMA_VERSION, "schema_version"),
+    (raw(impression(position=0)), "impression", ev.INVALID_VALUE, "position"),
+    (raw(impression()), "purchase", ev.UNKNOWN_EVENT_TYPE, None),
+    (raw(impression(padding="x" * 20000)), "impression", ev.OVERSIZE, None),
+])
+def test_each_malformed_class_is_rejected_with_its_reason(payload, event_type, reason, field):
+    result = ev.validate(payload, event_type, now_ms=NOW)
+    assert isinstance(result, ev.Rejection), result
+    assert result.reason == reason
+    assert result.field == field
+    assert result.detail  # a human-readable explanation too
+    assert result.as_dict()["reason"] == reason
+
+
+def test_default_now_is_the_wall_clock():
+    fresh = impression(ts=int(time.time() * 1000))
+    assert isinstance(ev.validate(raw(fresh), "impression"), ev.Event)
+
+
+def test_encode_is_canonical():
+    a = ev.encode({"b": 1, "a": "é"})
+    assert a == ev.encode({"a": "é", "b": 1}) == '{"a":"é","b":1}'.encode()
