@@ -73,13 +73,13 @@ class HSTUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rel_pos: torch.Tensor,
                 tbucket: torch.Tensor) -> torch.Tensor:
-        """x [B, S, d], mask bool [B, S, S] (causal & valid), rel_pos [S, S], tbucket [B, S, S]."""
+        """x [B, S, d], mask bool [B, S, S] (causal & valid), rel_pos [S, S] in 0..max_len+1, tbucket [B, S, S]."""
         B, S, _ = x.shape
         u, v, q, k = F.silu(self.uvqk(self.ln(x))).chunk(4, dim=-1)
         q = q.view(B, S, self.h, self.dh).transpose(1, 2)
         k = k.view(B, S, self.h, self.dh).transpose(1, 2)
         v = v.view(B, S, self.h, self.dh).transpose(1, 2)
-        rab = self.pos_bias(rel_pos.clamp(max=self.max_rel)).permute(2, 0, 1).unsqueeze(0)  # [1,h,S,S]
+        rab = self.pos_bias(rel_pos).permute(2, 0, 1).unsqueeze(0)  # [1,h,S,S]
         rab = rab + self.time_bias(tbucket).permute(0, 3, 1, 2)  # [B,h,S,S]
         m = mask.unsqueeze(1).to(x.dtype)
         n = m.sum(-1, keepdim=True).clamp(min=1.0)
@@ -114,6 +114,7 @@ class Backbone(nn.Module):
         # Pairs touching the user token or padding use bucket 0 (no time relation).
         tok = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:]], dim=1)
         tb = torch.where(tok.unsqueeze(2) & tok.unsqueeze(1), tb, torch.zeros_like(tb))
+        rel_c = rel.clamp(0, self.cfg.max_len + 1)  # one Clip (ONNX: two chained clamps mis-optimise)
         for blk in self.blocks:
-            x = blk(x, mask, rel.clamp(min=0), tb)
+            x = blk(x, mask, rel_c, tb)
         return self.ln_f(x), valid
