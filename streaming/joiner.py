@@ -190,8 +190,11 @@ class UserState:
         dropped = 0
         if self.seen and min(self.seen.values()) < horizon:
             self.seen = {e: t for e, t in self.seen.items() if t >= horizon}
-        if self.closed and min(self.closed.values()) < horizon:
-            self.closed = {r: t for r, t in self.closed.items() if t >= horizon}
+        # Closed ids are kept one window longer than seen ids, so labels that come after the
+        # window (but not absurdly late) are recognised as late rather than as orphans.
+        closed_horizon = horizon - cfg.close_after_ms
+        if self.closed and min(self.closed.values()) < closed_horizon:
+            self.closed = {r: t for r, t in self.closed.items() if t >= closed_horizon}
         for rid in [r for r, labels in self.orphans.items() if max(l[2] for l in labels) < horizon]:
             dropped += len(self.orphans.pop(rid))
         return samples, dropped
