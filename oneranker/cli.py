@@ -148,6 +148,39 @@ def summarize(
 
 
 @app.command()
+def init(
+    dataset: str = typer.Option("movielens-100k", help="Dataset whose ad catalog to write and load."),
+    seed: int = typer.Option(0, help="Ad-layer seed (must match the replay's)."),
+    create_bucket: bool = typer.Option(False, help="Create the snapshot store location (S3 bucket)."),
+    connect_timeout: float = typer.Option(60.0, help="Seconds to wait for the broker to answer."),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+) -> None:
+    """One-shot setup: create the topics, write the ad catalog, `feast apply` and load the ads."""
+    import pyarrow.parquet as pq
+
+    from features.store import ad_catalog_path, apply
+    from oneranker.kafka import ensure_topics
+    from streaming.replay.adlayer import load_requests
+
+    bootstrap = _bootstrap(bootstrap_servers, connect_timeout)
+    created = ensure_topics(bootstrap)
+    console.print(f"topics ready on {bootstrap} (created: {', '.join(created) or 'none'})")
+    _, catalog = load_requests(dataset, seed=seed, limit=1)
+    path = ad_catalog_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(catalog.to_arrow(), path)
+    result = apply(catalog=path)
+    console.print(f"feast apply: {', '.join(result.objects)}; {result.ads_materialized} ads online")
+    if create_bucket:
+        import fsspec
+
+        url = config.settings().snapshot_store_url
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.makedirs(root, exist_ok=True)
+        console.print(f"snapshot store ready at {url}")
+
+
+@app.command()
 def up(
     dataset: str = typer.Option("movielens-100k", help="Dataset to replay (see `produce`)."),
     speed: float = typer.Option(100000.0, help="Event-time compression of the replay."),
