@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kafka import KafkaConsumer, TopicPartition
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -57,9 +58,12 @@ def _progress() -> Progress:
 
 
 def publish(events: list[tuple[str, dict]], bootstrap: str, pace: bool = True,
-            show_progress: bool = True) -> StreamSummary:
+            show_progress: bool = True,
+            on_sent: Callable[[int, str, dict], None] | None = None,
+            stop: threading.Event | None = None) -> StreamSummary:
     """Send ``events`` (sorted by ts) to their topics. With ``pace`` the sends follow event time
-    (already compressed by the replay speed); without it they go as fast as the producer can."""
+    (already compressed by the replay speed); without it they go as fast as the producer can.
+    ``on_sent(i, event_type, data)`` runs after each send is queued; setting ``stop`` ends early."""
     producer = make_producer(bootstrap)
     tally = _Tally()
     failed = 0
@@ -73,6 +77,8 @@ def publish(events: list[tuple[str, dict]], bootstrap: str, pace: bool = True,
     with _progress() as progress:
         task = progress.add_task("producing", total=len(events), rate="-", visible=show_progress)
         for i, (event_type, data) in enumerate(events):
+            if stop is not None and stop.is_set():
+                break
             if pace:
                 ahead = (data["ts"] - ts0) / 1000.0 - (time.monotonic() - start)
                 if ahead > 0.002:
@@ -80,12 +86,14 @@ def publish(events: list[tuple[str, dict]], bootstrap: str, pace: bool = True,
             producer.send(config.EVENT_TOPICS[event_type], key=data["user_id"].encode(),
                           value=contract.encode(data)).add_errback(on_error)
             tally.add(event_type, data)
+            if on_sent is not None:
+                on_sent(i, event_type, data)
             if i % 5000 == 4999:
                 elapsed = time.monotonic() - start
                 progress.update(task, completed=i + 1, rate=f"{(i + 1) / elapsed:,.0f}")
         producer.flush()
         elapsed = time.monotonic() - start
-        progress.update(task, completed=len(events), rate=f"{len(events) / max(elapsed, 1e-9):,.0f}")
+        progress.update(task, completed=sum(tally.by_type.values()), rate=f"{len(events) / max(elapsed, 1e-9):,.0f}")
     producer.close()
     return tally.summary(elapsed, failed)
 
