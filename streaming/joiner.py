@@ -127,7 +127,8 @@ class UserState:
         if rid in self.closed:
             return LATE_CLICK if event_type == "click" else LATE_CONVERSION
         req = self.pending.get(rid)
-        if req is None:
+        if req is None or ad not in {a for a, _ in req["ads"].values()}:
+            # the request, or this ad's impression, has not arrived yet: hold the label
             self.orphans.setdefault(rid, []).append(
                 [event_type, ad, ts, float(data.get("value", 0.0))])
             return ORPHAN
@@ -147,6 +148,24 @@ class UserState:
         req["ads"].setdefault(str(int(data["position"])), [data["ad_id"], float(data["bid"])])
         return APPLIED
 
+    def attach_orphans(self, rid: str, cfg: JoinConfig) -> list[str]:
+        """Labels that came before their ad's impression, now that the impression is here (labels
+        for ads not shown (yet) wait; at close they count as unmatched)."""
+        req = self.pending.get(rid)
+        labels = self.orphans.get(rid)
+        if req is None or not labels:
+            return []
+        shown = {a for a, _ in req["ads"].values()}
+        ready = [l for l in labels if l[1] in shown]
+        if not ready:
+            return []
+        rest = [l for l in labels if l[1] not in shown]
+        if rest:
+            self.orphans[rid] = rest
+        else:
+            del self.orphans[rid]
+        return [self._label(req, et, ad, ts, val, cfg) for et, ad, ts, val in ready]
+
     def _label(self, req: dict, event_type: str, ad: str, ts: int, value: float, cfg: JoinConfig) -> str:
         if ad not in {a for a, _ in req["ads"].values()}:
             return UNMATCHED
@@ -164,20 +183,15 @@ class UserState:
         req["convs"][ad] = [count + 1, round(total + value, 6)]
         return APPLIED
 
-    def attach_orphans(self, rid: str, cfg: JoinConfig) -> list[str]:
-        """Labels that came before the request's impressions, now that the request exists."""
-        req = self.pending.get(rid)
-        if req is None or rid not in self.orphans:
-            return []
-        return [self._label(req, et, ad, ts, val, cfg) for et, ad, ts, val in self.orphans.pop(rid)]
-
-    def close(self, watermark: int, cfg: JoinConfig) -> tuple[list[Sample], int]:
+    def close(self, watermark: int, cfg: JoinConfig) -> tuple[list[Sample], Counter]:
         """Close every request whose window the watermark passed; prune old ids.
 
-        Returns (samples, orphans dropped)."""
+        Returns (samples, counts of labels given up: unmatched, orphan_dropped)."""
         samples = []
+        gone: Counter[str] = Counter()
         for rid in [r for r, q in self.pending.items() if q["ts"] + cfg.close_after_ms <= watermark]:
             req = self.pending.pop(rid)
+            gone[UNMATCHED] += len(self.orphans.pop(rid, ()))
             self.closed[rid] = req["ts"]
             ads = []
             for pos, (ad, bid) in sorted(req["ads"].items(), key=lambda kv: int(kv[0])):
@@ -187,7 +201,6 @@ class UserState:
             samples.append(Sample(sample_id(self.user_id, rid), self.user_id, rid, req["ts"],
                                   req["history"], ads, req["context"], req["late"], watermark))
         horizon = watermark - cfg.retention_ms
-        dropped = 0
         if self.seen and min(self.seen.values()) < horizon:
             self.seen = {e: t for e, t in self.seen.items() if t >= horizon}
         # Closed ids are kept one window longer than seen ids, so labels that come after the
@@ -196,8 +209,8 @@ class UserState:
         if self.closed and min(self.closed.values()) < closed_horizon:
             self.closed = {r: t for r, t in self.closed.items() if t >= closed_horizon}
         for rid in [r for r, labels in self.orphans.items() if max(l[2] for l in labels) < horizon]:
-            dropped += len(self.orphans.pop(rid))
-        return samples, dropped
+            gone[ORPHAN_DROPPED] += len(self.orphans.pop(rid))
+        return samples, gone
 
     def next_deadline(self, cfg: JoinConfig) -> int | None:
         ds = self.deadlines(cfg)
@@ -267,11 +280,11 @@ class Joiner:
         while heap and heap[0][0] <= self.watermark:
             _, uid = heapq.heappop(heap)
             st = self.state(uid)
-            samples, dropped = st.close(self.watermark, self.cfg)
-            if samples or dropped:
+            samples, gone = st.close(self.watermark, self.cfg)
+            if samples or gone:
                 self.dirty.add(uid)
             self.stats["samples"] += len(samples)
-            self.stats[ORPHAN_DROPPED] += dropped
+            self.stats.update(gone)
             out += samples
             nxt = st.next_deadline(self.cfg)
             if nxt is not None and nxt > self.watermark:

@@ -116,6 +116,17 @@ def test_labels_before_impressions_are_held_and_attached():
     assert [(a.ad_id, a.click, a.conversion, a.value) for a in s.ads] == [("x", 1, 1, 2.0), ("y", 0, 0, 0.0)]
 
 
+def test_label_for_an_ad_whose_impression_comes_later_still_counts():
+    j = Joiner(CFG)
+    j.process(*imp("r", "u", "a", 1, T0))
+    j.process(*click("r", "u", "b", T0 + 10))  # b's impression not processed yet
+    j.process(*imp("r", "u", "b", 2, T0))
+    j.process(*click("r", "u", "zz", T0 + 10))  # an ad the request never showed
+    (s,) = j.advance(T0 + 10_000)
+    assert [(a.ad_id, a.click) for a in s.ads] == [("a", 0), ("b", 1)]
+    assert j.stats["unmatched"] == 1
+
+
 def test_quiet_user_closes_on_the_partition_watermark():
     j = Joiner(CFG)
     j.feed(*imp("q1", "quiet", "a", 1, T0))

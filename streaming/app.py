@@ -1,0 +1,483 @@
+"""The Faust worker: validate → dead-letter or join → samples, token sequences → Feast.
+
+Topology (all topics keyed by user_id, same partition count, so partition p of every topic holds the
+same users and is processed by the same worker):
+
+* source: ``oneranker.impressions`` + ``oneranker.clicks`` + ``oneranker.conversions`` — one agent
+  reads the three, in batches (``stream.take_events``).
+* table ``users`` (changelogged): one JSON ``UserState`` per user (streaming/joiner.py); table
+  ``clock``: the event-time watermark of each partition (``wm:<p>``), written after the users of a
+  batch, so a restored watermark never runs ahead of the restored states.
+* sinks: ``oneranker.samples`` (streaming/samples.py, key = user_id), ``oneranker.dlq`` (below),
+  Feast online store (user_sequence + user_profile views, pushed in batches from a thread).
+
+Dead-letter records (``oneranker.dlq``): key = the original key, value = the ORIGINAL bytes, untouched;
+headers (all UTF-8): ``reason`` (a code from streaming/events.py: not_json, not_utf8, missing_field,
+wrong_type, negative_money, ts_too_old, ts_in_future, oversize, unknown_schema_version, …),
+``field``, ``detail``, ``event_type``, ``source_topic``, ``source_partition``, ``source_offset``.
+
+Crash safety (at-least-once; Tansu cannot do exactly-once): a batch's table writes, samples and
+dead letters are flushed to the broker BEFORE the batch's events are acknowledged, and Faust only
+commits acknowledged offsets. A crash re-delivers at most the uncommitted events; the restored state
+dedupes them by event id, so re-emission can only repeat a sample with the same ``sample_id``.
+
+Tansu quirk handled here: its ListOffsets answer is too low when batches hold several records, which
+would end Faust's changelog recovery early; the consumer's ``highwaters`` is patched to read the
+(correct) high watermark from a fetch response instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import socket
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oneranker import config
+from streaming import events as contract
+from streaming.joiner import MIN_TS, JoinConfig, Joiner, PartitionClock
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = int(os.environ.get("ONERANKER_STREAM_METRICS_PORT", "9102"))
+DEFAULT_APP_ID = os.environ.get("ONERANKER_STREAM_APP_ID", "oneranker-stream")
+
+
+@dataclass
+class WorkerOptions:
+    bootstrap: str
+    app_id: str = DEFAULT_APP_ID
+    topic_suffix: str = ""  # appended to every project topic name (test/bench isolation)
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}")
+    data_dir: Path | None = None  # default $ONERANKER_HOME/stream/<app_id>-<worker_id>
+    store: str = "memory://"
+    join: JoinConfig = field(default_factory=JoinConfig)
+    idle_s: float = 2.0  # a topic-partition silent this long stops holding the watermark
+    batch_size: int = 2000
+    batch_within_s: float = 0.1
+    commit_interval_s: float = 1.0
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # None/0: no HTTP endpoint
+    feast: bool = True
+    feast_online: str | None = None
+    push_interval_s: float = 0.5
+    partitions: int = config.DEFAULT_PARTITIONS
+
+    def topic(self, name: str) -> str:
+        return name + self.topic_suffix
+
+    @property
+    def event_topics(self) -> dict[str, str]:
+        return {self.topic(t): et for et, t in config.EVENT_TOPICS.items()}
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir or config.settings().home / "stream" / f"{self.app_id}-{self.worker_id}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tansu: high watermarks from a fetch response, not from ListOffsets (DESIGN §8)
+
+
+async def _fetch_highwaters(consumer, partitions) -> dict:
+    from aiokafka.structs import TopicPartition
+
+    tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+    if not tps:
+        return {}
+    low = await consumer.end_offsets(tps)
+    import aiokafka
+
+    probe = aiokafka.AIOKafkaConsumer(bootstrap_servers=consumer._client._bootstrap_servers,
+                                      enable_auto_commit=False, group_id=None,
+                                      client_id="oneranker-highwater-probe")
+    await probe.start()
+    try:
+        probe.assign(tps)
+        for tp in tps:
+            probe.seek(tp, low[tp])
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            await probe.getmany(timeout_ms=100, max_records=1)
+            if all(probe.highwater(tp) is not None for tp in tps):
+                break
+        return {tp: max(low[tp], probe.highwater(tp) or 0) for tp in tps}
+    finally:
+        await probe.stop()
+
+
+def patch_faust_highwaters() -> None:
+    from faust.transport.drivers import aiokafka as drv
+
+    if getattr(drv.AIOKafkaConsumerThread, "_oneranker_patched", False):
+        return
+
+    async def _highwaters(self, partitions):
+        consumer = self._ensure_consumer()
+        if self.consumer.in_transaction:
+            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
+        result = await _fetch_highwaters(consumer, list(partitions))
+        by_key = {(k.topic, k.partition): v for k, v in result.items()}
+        return {tp: by_key[(tp.topic, tp.partition)] for tp in partitions}
+
+    drv.AIOKafkaConsumerThread._highwaters = _highwaters
+    drv.AIOKafkaConsumerThread._oneranker_patched = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    def __init__(self, port: int | None, bind: str):
+        from prometheus_client import Counter as PCounter, Gauge, Histogram
+
+        self.events = PCounter("oneranker_stream_events_total", "Valid events processed", ["type"])
+        self.outcomes = PCounter("oneranker_stream_join_outcomes_total",
+                                 "Join outcomes (applied, duplicate, late_click, late_conversion, …)",
+                                 ["outcome"])
+        self.samples = PCounter("oneranker_stream_samples_total", "Samples emitted")
+        self.dlq = PCounter("oneranker_stream_dlq_total", "Events dead-lettered", ["reason"])
+        self.late = PCounter("oneranker_stream_late_labels_total", "Labels after their window", ["type"])
+        self.push_seconds = Histogram("oneranker_stream_feast_push_seconds", "Feast push latency",
+                                      buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10))
+        self.push_rows = PCounter("oneranker_stream_feast_rows_total", "User rows pushed to Feast")
+        self.push_errors = PCounter("oneranker_stream_feast_push_errors_total", "Failed Feast pushes")
+        self.watermark = Gauge("oneranker_stream_watermark_ms", "Event-time watermark", ["partition"])
+        self.pending = Gauge("oneranker_stream_pending_requests", "Requests waiting for their window")
+        self.lag = Gauge("oneranker_stream_lag", "Fetch high watermark minus next offset", ["tp"])
+        self.batch_seconds = Histogram("oneranker_stream_batch_seconds", "Batch processing time",
+                                       buckets=(0.001, 0.01, 0.03, 0.1, 0.3, 1, 3))
+        if port:
+            from prometheus_client import start_http_server
+
+            start_http_server(port, addr=bind)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feast writer: coalesces the latest state per user, pushes from a thread
+
+
+class FeastPusher:
+    def __init__(self, opts: WorkerOptions, metrics: Metrics):
+        self.opts, self.metrics = opts, metrics
+        self.pending: dict[str, Any] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feast-push")
+        self.client = None
+        self.ready = asyncio.Event()
+        self.pushed_rows = 0
+
+    def _open(self):
+        from features.store import USER_PUSH_SOURCE, FeatureStoreClient, apply, open_store
+
+        store = open_store(online=self.opts.feast_online)
+        try:
+            store.get_data_source(USER_PUSH_SOURCE)
+        except Exception:
+            log.info("feature store not applied yet: applying %s", config.settings().feature_repo)
+            apply(online=self.opts.feast_online)
+            store = open_store(online=self.opts.feast_online)
+        return FeatureStoreClient(store, history_len=self.opts.join.history_len)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.client = await loop.run_in_executor(self.executor, self._open)
+        self.ready.set()
+        log.info("feast online store ready")
+
+    def offer(self, rows: dict[str, Any]) -> None:
+        self.pending.update(rows)
+
+    async def push_once(self) -> int:
+        if not self.pending or self.client is None:
+            return 0
+        rows, self.pending = list(self.pending.values()), {}
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        try:
+            n = await loop.run_in_executor(self.executor, self.client.push_users, rows)
+        except Exception:
+            log.exception("feast push of %d rows failed; will retry with the next batch", len(rows))
+            self.metrics.push_errors.inc()
+            for r in rows:
+                self.pending.setdefault(r.user_id, r)
+            return 0
+        self.metrics.push_seconds.observe(time.perf_counter() - t)
+        self.metrics.push_rows.inc(n)
+        self.pushed_rows += n
+        return n
+
+    async def run(self) -> None:
+        await self.start()
+        while True:
+            await asyncio.sleep(self.opts.push_interval_s)  # pacing, not synchronisation
+            await self.push_once()
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker
+
+
+class _Partition:
+    def __init__(self, joiner: Joiner, clock: PartitionClock):
+        self.joiner, self.clock = joiner, clock
+        self.last_event = None  # a strong ref: table writes need an event of this partition
+
+
+class StreamWorker:
+    """Holds the per-partition joiners and does the I/O around them. Created by ``create_app``."""
+
+    def __init__(self, app, opts: WorkerOptions, users, clock_table, metrics: Metrics):
+        self.app, self.opts, self.users, self.clock_table = app, opts, users, clock_table
+        self.metrics = metrics
+        self.type_of_topic = opts.event_topics
+        self.samples_topic = opts.topic(config.TOPIC_SAMPLES)
+        self.dlq_topic = opts.topic(config.TOPIC_DLQ)
+        self.parts: dict[int, _Partition] = {}
+        self.lock = asyncio.Lock()
+        self.pusher = FeastPusher(opts, metrics) if opts.feast else None
+        self.stats: Counter[str] = Counter()
+        self.first_event_at: float | None = None
+        self.last_event_at: float | None = None
+        self.offsets: dict[tuple[str, int], int] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """After a rebalance the table is the truth again: rebuild joiners lazily."""
+        self.parts.clear()
+
+    def _load(self, user_id: str):
+        raw = self.users.get(user_id)
+        return json.loads(raw) if raw else None
+
+    def partition(self, p: int) -> _Partition:
+        part = self.parts.get(p)
+        if part is None:
+            raw = self.clock_table.get(f"wm:{p}")
+            wm = int(raw) if raw else MIN_TS
+            joiner = Joiner(self.opts.join, load=self._load, watermark=wm, partition=p)
+            states = []
+            for _, raw_state in list(self.users.items()):
+                d = json.loads(raw_state)
+                if d.get("p") == p and (d.get("pending") or d.get("orphans")):
+                    states.append(d)
+            joiner.index(states)
+            clock = PartitionClock(list(self.type_of_topic), self.opts.join.allowed_lateness_ms,
+                                   self.opts.idle_s, time.monotonic(), wm)
+            part = self.parts[p] = _Partition(joiner, clock)
+            log.info("partition %d: watermark %s, %d users with open requests", p, wm, len(states))
+        return part
+
+    # -- processing ------------------------------------------------------------------------------
+    async def handle_batch(self, events) -> None:
+        async with self.lock:
+            t = time.perf_counter()
+            now = time.monotonic()
+            self.last_event_at = time.time()
+            if self.first_event_at is None:
+                self.first_event_at = self.last_event_at
+            producer = self.app.producer
+            touched: set[int] = set()
+            sends = []
+            for ev in events:
+                msg = ev.message
+                etype = self.type_of_topic.get(msg.topic, "?")
+                raw = msg.value
+                self.offsets[(msg.topic, msg.partition)] = msg.offset
+                result = contract.validate(raw, etype)
+                if isinstance(result, contract.Rejection):
+                    sends.append(await self._dead_letter(producer, msg, etype, result))
+                    continue
+                data = result.data
+                part = self.partition(msg.partition)
+                part.last_event = ev
+                part.clock.observe(msg.topic, data["ts"], now)
+                outcome = part.joiner.process(etype, data)
+                self.stats[etype] += 1
+                self.metrics.events.labels(etype).inc()
+                self.metrics.outcomes.labels(outcome).inc()
+                if outcome.startswith("late_"):
+                    self.metrics.late.labels(outcome[5:]).inc()
+                touched.add(msg.partition)
+            for p in touched:
+                sends += await self._advance(p, now)
+            await producer.flush()
+            for fut in sends:
+                await fut  # delivery confirmed (raises on failure → the worker restarts)
+            self.metrics.batch_seconds.observe(time.perf_counter() - t)
+
+    async def _dead_letter(self, producer, msg, etype: str, rej: contract.Rejection):
+        self.stats["dlq"] += 1
+        self.metrics.dlq.labels(rej.reason).inc()
+        headers = [("reason", rej.reason.encode()), ("field", (rej.field or "").encode()),
+                   ("detail", rej.detail[:500].encode("utf-8", "replace")),
+                   ("event_type", etype.encode()), ("source_topic", msg.topic.encode()),
+                   ("source_partition", str(msg.partition).encode()),
+                   ("source_offset", str(msg.offset).encode())]
+        return await producer.send(self.dlq_topic, msg.key, msg.value, None, None, headers)
+
+    async def _advance(self, p: int, now: float) -> list:
+        """Advance partition p's watermark, emit due samples and persist changed states."""
+        part = self.parts[p]
+        joiner = part.joiner
+        samples = joiner.advance(part.clock.current(now))
+        sends = []
+        producer = self.app.producer
+        for s in samples:
+            sends.append(await producer.send(self.samples_topic, s.user_id.encode(), s.to_json(),
+                                             None, None, None))
+        self.stats["samples"] += len(samples)
+        self.metrics.samples.inc(len(samples))
+        dirty = joiner.take_dirty()
+        if dirty or samples:
+            self._persist(part, dirty)
+        self.metrics.watermark.labels(str(p)).set(joiner.watermark if joiner.watermark > MIN_TS else 0)
+        return sends
+
+    def _persist(self, part: _Partition, dirty: dict) -> None:
+        from faust.streams import _current_event
+
+        if part.last_event is None:
+            return
+        token = _current_event.set(weakref.ref(part.last_event))
+        try:
+            rows = {}
+            for uid, st in dirty.items():
+                self.users[uid] = json.dumps(st.to_dict(), separators=(",", ":")).encode()
+                if self.pusher is not None:
+                    from features.store import UserRow
+
+                    rows[uid] = UserRow(uid, st.seq.last(st.seq.max_len), dict(st.profile))
+            # the watermark goes last: restored with it, every state it covers is restored too
+            self.clock_table[f"wm:{part.joiner.partition}"] = str(part.joiner.watermark).encode()
+            if rows:
+                self.pusher.offer(rows)
+        finally:
+            _current_event.reset(token)
+
+    async def tick(self) -> None:
+        """Idle flush: advance watermarks by the wall clock when the topics go quiet."""
+        async with self.lock:
+            now = time.monotonic()
+            sends = []
+            for p, part in list(self.parts.items()):
+                if part.last_event is not None and part.clock.current(now) > part.joiner.watermark:
+                    sends += await self._advance(p, now)
+            if sends:
+                await self.app.producer.flush()
+                for fut in sends:
+                    await fut
+            self.metrics.pending.set(sum(pt.joiner.pending_requests() for pt in self.parts.values()))
+        self._update_lag()
+        self._write_stats()
+
+    def _update_lag(self) -> None:
+        try:
+            from faust.types import TP
+
+            for (topic, p), off in self.offsets.items():
+                hw = self.app.consumer.highwater(TP(topic, p))
+                if hw is not None:
+                    self.metrics.lag.labels(f"{topic}:{p}").set(max(0, hw - off - 1))
+        except Exception:  # lag is best effort
+            pass
+
+    def _write_stats(self) -> None:
+        d = self.opts.resolved_data_dir()
+        doc = {"pid": os.getpid(), "stats": dict(self.stats), "first_event_at": self.first_event_at,
+               "last_event_at": self.last_event_at,
+               "feast_rows": self.pusher.pushed_rows if self.pusher else 0,
+               "feast_pending": len(self.pusher.pending) if self.pusher else 0,
+               "watermarks": {p: pt.joiner.watermark for p, pt in self.parts.items()}}
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / "stats.json.tmp"
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, d / "stats.json")
+        except OSError:
+            pass
+
+
+def create_app(opts: WorkerOptions):
+    """The Faust app for ``opts``: topics declared once, one batching agent, two tables."""
+    import faust
+
+    patch_faust_highwaters()
+    data_dir = opts.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        opts.app_id,
+        broker=[f"kafka://{h}" for h in opts.bootstrap.split(",")],
+        store=opts.store,
+        datadir=str(data_dir),
+        processing_guarantee="at_least_once",  # Tansu cannot do exactly_once (DESIGN §8)
+        broker_session_timeout=config.SESSION_TIMEOUT_MS / 1000,
+        broker_heartbeat_interval=config.HEARTBEAT_INTERVAL_MS / 1000,
+        broker_commit_interval=opts.commit_interval_s,
+        broker_max_poll_records=5000,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=opts.partitions,
+        topic_replication_factor=1,
+        table_standby_replicas=0,
+        recovery_consistency_check=False,
+        stream_wait_empty=False,
+        web_enabled=False,
+        producer_linger_ms=5,
+    )
+    source = app.topic(*opts.event_topics, key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw", partitions=opts.partitions)
+    app.topic(opts.topic(config.TOPIC_SAMPLES), key_serializer="raw", value_serializer="raw",
+              partitions=opts.partitions)
+    app.topic(opts.topic(config.TOPIC_DLQ), key_serializer="raw", value_serializer="raw",
+              partitions=opts.partitions)
+    state_schema = faust.Schema(key_type=str, value_type=bytes, key_serializer="json",
+                                value_serializer="raw")
+    users = app.Table("users", default=None, schema=state_schema, partitions=opts.partitions,
+                      help="user_id → UserState JSON (streaming/joiner.py)")
+    clock = app.Table("clock", default=None, schema=state_schema, partitions=opts.partitions,
+                      help="wm:<partition> → event-time watermark (ms)")
+    metrics = Metrics(opts.metrics_port, config.settings().bind_host)
+    worker = StreamWorker(app, opts, users, clock, metrics)
+    app.oneranker_worker = worker
+
+    @app.agent(source, name="join")
+    async def join(stream):
+        async for events in stream.take_events(opts.batch_size, opts.batch_within_s):
+            await worker.handle_batch(events)
+
+    @app.timer(max(0.1, min(1.0, opts.idle_s / 4)), name="idle_flush")
+    async def idle_flush():
+        await worker.tick()
+
+    if worker.pusher is not None:
+        @app.task
+        async def feast_writer():
+            await worker.pusher.run()
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender, revoked, **kwargs):
+        worker.reset()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs):
+        worker.reset()
+
+    return app
+
+
+def run_worker(opts: WorkerOptions, loglevel: str = "warning") -> None:
+    """Run the worker until SIGTERM/SIGINT (blocking)."""
+    from faust import Worker
+
+    from oneranker.kafka import ensure_topics
+
+    names = list(opts.event_topics) + [opts.topic(config.TOPIC_SAMPLES), opts.topic(config.TOPIC_DLQ)]
+    ensure_topics(opts.bootstrap, names, partitions=opts.partitions)
+    app = create_app(opts)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
