@@ -1,0 +1,327 @@
+"""Checkpoint → verified ONNX snapshot → store → announcement.
+
+Before anything is published: the ONNX checker, dynamic-shape assertions (DESIGN §8 trap 1), parity
+against the torch inference function (trainer.infer.rank_topk) on probe users, and a quality gate
+against the snapshot now serving, both scored with onnxruntime on a recent holdout of samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from exporter.runtime import NEG_HALF, OnnxRanker
+from exporter.store import SnapshotError, SnapshotStore
+from oneranker import config
+
+log = logging.getLogger(__name__)
+
+EXPORT_K = 100  # top-K baked into the graph; requests ask for k ≤ this
+PARITY_ATOL = 1e-4
+TIE_ATOL = 1e-5
+GATE_METRICS = ("hr@10", "gauc")
+
+
+@dataclass
+class ExportResult:
+    status: str  # published | parity_failed | gate_failed | check_failed | up_to_date
+    step: int
+    version: int | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("published", "up_to_date")
+
+
+# --- building the snapshot files -----------------------------------------------------------
+
+def export_graph(model, out_dir: Path, k: int | None = None) -> dict:
+    """Export the serving graph to ``out_dir/model.onnx`` (dynamo, dynamic batch and history), run
+    the ONNX checker and assert the exported dims are dynamic. Returns a description."""
+    import onnx
+
+    from trainer.infer import export_onnx
+
+    cfg = model.cfg
+    n_heads = cfg.n_tasks
+    k = min(k or EXPORT_K, n_heads * min(cfg.retrieve_n, cfg.num_items))
+    path = out_dir / "model.onnx"
+    t0 = time.perf_counter()
+    export_onnx(model, str(path), batch=2, seq_len=cfg.max_len, k=k)  # examples ≥ 2 (trap 1)
+    export_s = time.perf_counter() - t0
+    onnx.checker.check_model(str(path))  # by path: also works with an external-data side file
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = {}
+    for inp in proto.graph.input:
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        inputs[inp.name] = dims
+    for name, dims in list(inputs.items()):
+        if not isinstance(dims[0], str):
+            raise ValueError(f"exported input {name} has a fixed batch dimension {dims} (trap 1)")
+    for name in list(inputs)[1:4]:
+        if not isinstance(inputs[name][1], str):
+            raise ValueError(f"exported input {name} has a fixed history dimension {inputs[name]}")
+    return {"k": k, "inputs": inputs, "export_s": round(export_s, 2),
+            "files": sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model.onnx"))}
+
+
+def write_id_maps(ckpt, out_dir: Path) -> None:
+    (out_dir / "items.json").write_text(json.dumps(ckpt.item_ids, sort_keys=True))
+    (out_dir / "users.json").write_text(json.dumps(ckpt.user_ids, sort_keys=True))
+
+
+def model_manifest(model, graph: dict) -> dict:
+    cfg = model.cfg
+    return {"max_len": cfg.max_len, "num_items": cfg.num_items, "num_users": cfg.num_users,
+            "top_k": graph["k"], "inputs": graph["inputs"], "config": cfg.to_dict()}
+
+
+# --- holdout -------------------------------------------------------------------------------
+
+def load_holdout(ckpt, holdout_file: Path | None = None, limit: int = 512) -> list[dict]:
+    """Recent samples (Sample dicts) from the checkpoint, else from a JSONL file of samples."""
+    samples = list((ckpt.extra or {}).get("recent_samples") or [])
+    if not samples and holdout_file is not None:
+        with open(holdout_file) as f:
+            samples = [json.loads(line) for line in f if line.strip()]
+    return samples[-limit:]
+
+
+def _sample_inputs(samples: Sequence[dict], max_len: int):
+    from streaming.samples import Sample
+    from trainer.data import DEVICE_INDEX
+
+    out = []
+    for d in samples:
+        s = Sample.from_dict(d)
+        out.append((s.user_id, s.history_sequence(max_len),
+                    DEVICE_INDEX.get(str((s.context or {}).get("device", "")), 0), s.ads))
+    return out
+
+
+def holdout_metrics(ranker: OnnxRanker, samples: Sequence[dict], batch: int = 32) -> dict:
+    """HR@10 of a clicked ad in the whole-corpus top-10, and GAUC over the exposed ads (scores of
+    each request's exposed ads, from the graph with eligibility = those ads)."""
+    rows = _sample_inputs(samples, ranker.max_len)
+    hits = n_hr = 0
+    aucs = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        users = [r[0] for r in chunk]
+        seqs = [r[1] for r in chunk]
+        devs = [r[2] for r in chunk]
+        ids, _ = ranker.run(ranker.encode(seqs, users, devs))
+        exposed = [[a.ad_id for a in r[3]] for r in chunk]
+        rids, rscores = ranker.run(ranker.encode(seqs, users, devs, exposed))
+        for b, (_, _, _, ads) in enumerate(chunk):
+            clicked = {ranker.items.get(a.ad_id) for a in ads if a.click}
+            clicked.discard(1)
+            if any(a.click for a in ads):
+                n_hr += 1
+                hits += bool(clicked & set(int(x) for x in ids[b][:10]))
+            score = {int(x): float(s) for x, s in zip(rids[b], rscores[b]) if s > NEG_HALF}
+            pos = [score.get(ranker.items.get(a.ad_id), -np.inf) for a in ads if a.click]
+            neg = [score.get(ranker.items.get(a.ad_id), -np.inf) for a in ads if not a.click]
+            if pos and neg:
+                p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+                aucs.append(float(((p > n) + 0.5 * (p == n)).mean()))
+    return {"n": len(rows), "hr@10": hits / n_hr if n_hr else None,
+            "gauc": float(np.mean(aucs)) if aucs else None, "n_hr": n_hr, "n_auc": len(aucs)}
+
+
+def gate(candidate: dict, current: dict | None, tolerance: float) -> tuple[bool, list[str]]:
+    """Pass unless a metric is worse than the serving snapshot's by more than ``tolerance``."""
+    if not current:
+        return True, ["no snapshot serving: nothing to compare"]
+    notes, ok = [], True
+    for m in GATE_METRICS:
+        c, s = candidate.get(m), current.get(m)
+        if c is None or s is None:
+            notes.append(f"{m}: not computable on this holdout")
+            continue
+        if c < s - tolerance:
+            ok = False
+            notes.append(f"{m}: {c:.4f} < serving {s:.4f} - tolerance {tolerance}")
+        else:
+            notes.append(f"{m}: {c:.4f} vs serving {s:.4f} ok")
+    return ok, notes
+
+
+# --- parity --------------------------------------------------------------------------------
+
+def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2) -> dict:
+    """torch ``rank_topk`` (via ServingGraph) vs onnxruntime on probe users: the holdout's users
+    with their histories (and one batch with eligibility = their exposed ads) plus random inputs
+    of other batch sizes / history lengths. Same top-K ids; max |score diff| ≤ PARITY_ATOL."""
+    import torch
+
+    from trainer.infer import ServingGraph, example_inputs
+
+    graph = ServingGraph(model.eval(), ranker.top_k).eval()
+    batches = []
+    rows = _sample_inputs(samples[:16], ranker.max_len)
+    if rows:
+        users, seqs, devs = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        batches.append(ranker.encode(seqs, users, devs))
+        batches.append(ranker.encode(seqs, users, devs, [[a.ad_id for a in r[3]] for r in rows]))
+    cfg = model.cfg
+    for j, (B, L) in enumerate([(3, cfg.max_len), (1, max(2, cfg.max_len // 3))][:n_random]):
+        args = example_inputs(cfg, B, L, torch.Generator().manual_seed(100 + j))
+        batches.append(dict(zip(ranker.input_names, (a.numpy() for a in args))))
+    max_diff, mismatches, n = 0.0, 0, 0
+    for feeds in batches:
+        with torch.no_grad():
+            t_ids, t_scores = graph(*(torch.from_numpy(feeds[name]) for name in ranker.input_names))
+        o_ids, o_scores = ranker.run(feeds)
+        t_ids, t_scores = t_ids.numpy(), t_scores.numpy()
+        valid = t_scores > NEG_HALF
+        max_diff = max(max_diff, float(np.abs(np.where(valid, o_scores - t_scores, 0)).max()))
+        for b in range(t_ids.shape[0]):
+            n += 1
+            for j in np.nonzero((t_ids[b] != o_ids[b]) & valid[b])[0]:
+                # an order swap between (numerically) tied scores is not a ranking difference
+                near = [t_scores[b, i] for i in (j - 1, j + 1) if 0 <= i < t_scores.shape[1]]
+                if not any(abs(t_scores[b, j] - x) <= TIE_ATOL for x in near):
+                    mismatches += 1
+                    break
+    return {"ok": mismatches == 0 and max_diff <= PARITY_ATOL, "rows": n, "topk_mismatch_rows": mismatches,
+            "max_abs_diff": max_diff, "atol": PARITY_ATOL}
+
+
+# --- the whole pipeline --------------------------------------------------------------------
+
+def _current_metrics(store: SnapshotStore, samples, workdir: Path, threads: int | None) -> tuple[int | None, dict | None]:
+    cur = store.current()
+    if not cur:
+        return None, None
+    v = int(cur["version"])
+    d = workdir / f"serving-{v}"
+    try:
+        m = store.fetch(v, d)
+        r = OnnxRanker(d, m, threads=threads, want_cuda=False)
+        return v, holdout_metrics(r, samples)
+    except (SnapshotError, OSError, ValueError) as exc:
+        log.warning("cannot score the serving snapshot %s (%s): gating against nothing", v, exc)
+        return v, None
+
+
+def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02,
+                      holdout_file: Path | None = None, keep: int = 5, promote: bool = True,
+                      announce: Callable[[dict], None] | None = None, threads: int | None = 2,
+                      force: bool = False) -> ExportResult:
+    """Export ``ckpt`` and publish it when it passes every check."""
+    from trainer.checkpoint import build_model
+
+    cur = store.current()
+    if cur and not force:
+        try:
+            cur_step = int(store.manifest(int(cur["version"])).get("checkpoint_step", -1))
+        except SnapshotError:
+            cur_step = -1
+        if cur_step >= ckpt.step:
+            return ExportResult("up_to_date", ckpt.step, int(cur["version"]))
+    model = build_model(ckpt)
+    samples = load_holdout(ckpt, holdout_file)
+    report: dict[str, Any] = {"holdout_samples": len(samples)}
+    with tempfile.TemporaryDirectory(prefix="oneranker-export-") as tmp:
+        work = Path(tmp)
+        snap = work / "snapshot"
+        snap.mkdir()
+        try:
+            graph = export_graph(model, snap)
+        except Exception as exc:  # noqa: BLE001 - checker/export failures refuse the snapshot
+            log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
+            return ExportResult("check_failed", ckpt.step, report={"error": str(exc)})
+        write_id_maps(ckpt, snap)
+        manifest = {"checkpoint_step": ckpt.step, "created": time.time(),
+                    "trained_through": {"offsets": ckpt.offsets, "event_time_ms": ckpt.trained_through_ts},
+                    "model": model_manifest(model, graph)}
+        (snap / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
+        ranker = OnnxRanker(snap, threads=threads, want_cuda=False)
+        report["export"] = graph
+        report["parity"] = parity(model, ranker, samples)
+        if not report["parity"]["ok"]:
+            log.error("parity failed for checkpoint %d: %s", ckpt.step, report["parity"])
+            return ExportResult("parity_failed", ckpt.step, report=report)
+        cand = holdout_metrics(ranker, samples) if samples else {}
+        serving_v, serving = _current_metrics(store, samples, work, threads) if samples else (None, None)
+        ok, notes = gate(cand, serving, gate_tolerance)
+        report["gate"] = {"ok": ok, "tolerance": gate_tolerance, "candidate": cand,
+                          "serving_version": serving_v, "serving": serving, "notes": notes}
+        if not ok:
+            log.error("quality gate refused checkpoint %d: %s", ckpt.step, "; ".join(notes))
+            return ExportResult("gate_failed", ckpt.step, report=report)
+        (snap / "manifest.json").unlink()
+        manifest["metrics"] = {"train": ckpt.metrics, "holdout": cand, "parity": report["parity"]}
+        doc = store.publish(snap, manifest)
+    version = doc["version"]
+    if promote:
+        store.set_current(version, "publish")
+    report["removed"] = store.retain(keep)
+    msg = {"version": version, "url": store.version_url(version), "created": doc["created"]}
+    if announce is not None:
+        try:
+            announce(msg)
+        except Exception as exc:  # noqa: BLE001 - polling the pointer is the fallback
+            log.warning("announcement of snapshot %d failed (%s); replicas will poll", version, exc)
+    return ExportResult("published", ckpt.step, version, report)
+
+
+class KafkaAnnouncer:
+    """Announces snapshots on oneranker.snapshots as JSON {version, url, created}."""
+
+    def __init__(self, bootstrap: str, topic: str = config.TOPIC_SNAPSHOTS):
+        from oneranker.kafka import make_producer
+
+        self.topic = topic
+        self.producer = make_producer(bootstrap, linger_ms=0, client_id="oneranker-exporter",
+                                      max_block_ms=5000)
+
+    def __call__(self, msg: dict) -> None:
+        self.producer.send(self.topic, key=b"snapshot", value=json.dumps(msg, sort_keys=True).encode())
+        self.producer.flush(timeout=10)
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)
+
+
+def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_s: float = 10.0,
+          on_result: Callable[[ExportResult], None] | None = None, **kw) -> None:
+    """Export whenever a newer checkpoint appears (a refused one is not retried)."""
+    from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load, read_manifest
+
+    done = -1
+    while not stop.is_set():
+        pts = list_checkpoints(ckpt_dir)
+        for pt in reversed(pts):
+            try:
+                step = int(read_manifest(pt)["step"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if step <= done:
+                break
+            try:
+                ckpt = load(pt)
+            except CorruptCheckpoint as exc:
+                log.warning("skipping checkpoint: %s", exc)
+                continue
+            result = export_checkpoint(ckpt, store, **kw)
+            done = step
+            if on_result:
+                on_result(result)
+            break
+        stop.wait(interval_s)
+
+
+def clean_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
