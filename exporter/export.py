@@ -215,11 +215,24 @@ def _current_metrics(store: SnapshotStore, samples, workdir: Path, threads: int 
         return v, None
 
 
-def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02,
-                      holdout_file: Path | None = None, keep: int = 5, promote: bool = True,
-                      announce: Callable[[dict], None] | None = None, threads: int | None = 2,
-                      force: bool = False) -> ExportResult:
-    """Export ``ckpt`` and publish it when it passes every check."""
+@dataclass
+class Staged:
+    """A snapshot that passed (or failed) every check, not yet published."""
+
+    result: ExportResult
+    dir: Path | None = None
+    manifest: dict | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    def cleanup(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_file: Path | None = None,
+          threads: int | None = 2, force: bool = False) -> Staged:
+    """Export ``ckpt`` and run the checker, parity and the quality gate against what is serving."""
     from trainer.checkpoint import build_model
 
     cur = store.current()
@@ -229,52 +242,78 @@ def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.0
         except SnapshotError:
             cur_step = -1
         if cur_step >= ckpt.step:
-            return ExportResult("up_to_date", ckpt.step, int(cur["version"]))
+            return Staged(ExportResult("up_to_date", ckpt.step, int(cur["version"])))
     model = build_model(ckpt)
     samples = load_holdout(ckpt, holdout_file)
     report: dict[str, Any] = {"holdout_samples": len(samples)}
-    with tempfile.TemporaryDirectory(prefix="oneranker-export-") as tmp:
-        work = Path(tmp)
-        snap = work / "snapshot"
-        snap.mkdir()
-        try:
-            graph = export_graph(model, snap)
-        except Exception as exc:  # noqa: BLE001 - checker/export failures refuse the snapshot
-            log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
-            return ExportResult("check_failed", ckpt.step, report={"error": str(exc)})
-        write_id_maps(ckpt, snap)
-        manifest = {"checkpoint_step": ckpt.step, "created": time.time(),
-                    "trained_through": {"offsets": ckpt.offsets, "event_time_ms": ckpt.trained_through_ts},
-                    "model": model_manifest(model, graph)}
-        (snap / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
-        ranker = OnnxRanker(snap, threads=threads, want_cuda=False)
-        report["export"] = graph
-        report["parity"] = parity(model, ranker, samples)
-        if not report["parity"]["ok"]:
-            log.error("parity failed for checkpoint %d: %s", ckpt.step, report["parity"])
-            return ExportResult("parity_failed", ckpt.step, report=report)
-        cand = holdout_metrics(ranker, samples) if samples else {}
-        serving_v, serving = _current_metrics(store, samples, work, threads) if samples else (None, None)
-        ok, notes = gate(cand, serving, gate_tolerance)
-        report["gate"] = {"ok": ok, "tolerance": gate_tolerance, "candidate": cand,
-                          "serving_version": serving_v, "serving": serving, "notes": notes}
-        if not ok:
-            log.error("quality gate refused checkpoint %d: %s", ckpt.step, "; ".join(notes))
-            return ExportResult("gate_failed", ckpt.step, report=report)
-        (snap / "manifest.json").unlink()
-        manifest["metrics"] = {"train": ckpt.metrics, "holdout": cand, "parity": report["parity"]}
-        doc = store.publish(snap, manifest)
+    tmp = tempfile.TemporaryDirectory(prefix="oneranker-export-")
+    work = Path(tmp.name)
+    snap = work / "snapshot"
+    snap.mkdir()
+    try:
+        graph = export_graph(model, snap)
+    except Exception as exc:  # noqa: BLE001 - checker/export failures refuse the snapshot
+        log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
+        tmp.cleanup()
+        return Staged(ExportResult("check_failed", ckpt.step, report={"error": str(exc)}))
+    write_id_maps(ckpt, snap)
+    manifest = {"checkpoint_step": ckpt.step, "created": time.time(),
+                "trained_through": {"offsets": ckpt.offsets, "event_time_ms": ckpt.trained_through_ts},
+                "model": model_manifest(model, graph)}
+    (snap / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
+    ranker = OnnxRanker(snap, threads=threads, want_cuda=False)
+    report["export"] = graph
+    report["parity"] = parity(model, ranker, samples)
+    if not report["parity"]["ok"]:
+        log.error("parity failed for checkpoint %d: %s", ckpt.step, report["parity"])
+        tmp.cleanup()
+        return Staged(ExportResult("parity_failed", ckpt.step, report=report))
+    cand = holdout_metrics(ranker, samples) if samples else {}
+    serving_v, serving = _current_metrics(store, samples, work, threads) if samples else (None, None)
+    ok, notes = gate(cand, serving, gate_tolerance)
+    report["gate"] = {"ok": ok, "tolerance": gate_tolerance, "candidate": cand,
+                      "serving_version": serving_v, "serving": serving, "notes": notes}
+    if not ok:
+        log.error("quality gate refused checkpoint %d: %s", ckpt.step, "; ".join(notes))
+        tmp.cleanup()
+        return Staged(ExportResult("gate_failed", ckpt.step, report=report))
+    (snap / "manifest.json").unlink()
+    manifest["metrics"] = {"train": ckpt.metrics, "holdout": cand, "parity": report["parity"]}
+    return Staged(ExportResult("staged", ckpt.step, report=report), snap, manifest, tmp)
+
+
+def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: bool = True,
+            announce: Callable[[dict], None] | None = None) -> ExportResult:
+    """Publish a staged snapshot, point CURRENT at it, apply retention, announce it."""
+    result = staged.result
+    if staged.dir is None:
+        return result
+    try:
+        doc = store.publish(staged.dir, staged.manifest)
+    finally:
+        staged.cleanup()
     version = doc["version"]
     if promote:
         store.set_current(version, "publish")
-    report["removed"] = store.retain(keep)
+    result.report["removed"] = store.retain(keep)
     msg = {"version": version, "url": store.version_url(version), "created": doc["created"]}
     if announce is not None:
         try:
             announce(msg)
         except Exception as exc:  # noqa: BLE001 - polling the pointer is the fallback
             log.warning("announcement of snapshot %d failed (%s); replicas will poll", version, exc)
-    return ExportResult("published", ckpt.step, version, report)
+    result.status, result.version = "published", version
+    return result
+
+
+def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02,
+                      holdout_file: Path | None = None, keep: int = 5, promote: bool = True,
+                      announce: Callable[[dict], None] | None = None, threads: int | None = 2,
+                      force: bool = False) -> ExportResult:
+    """Export ``ckpt`` and publish it when it passes every check."""
+    staged = stage(ckpt, store, gate_tolerance=gate_tolerance, holdout_file=holdout_file,
+                   threads=threads, force=force)
+    return publish(staged, store, keep=keep, promote=promote, announce=announce)
 
 
 class KafkaAnnouncer:
