@@ -1,0 +1,118 @@
+"""Serving benchmark: one replica over real HTTP on 127.0.0.1, untrained weights, synthetic users."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, users: list[str], n: int, concurrency: int, k: int = 10, timeout: float = 30.0) -> dict:
+    """``n`` POST /v1/rank requests from ``concurrency`` threads; latency percentiles and rps."""
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(n))
+
+    def worker(w: int):
+        nonlocal errors
+        with httpx.Client(base_url=url, timeout=timeout) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                r = c.post("/v1/rank", json={"user_id": users[(i * 7919 + w) % len(users)], "k": k})
+                dt = time.perf_counter() - t0
+                with lock:
+                    lat.append(dt)
+                    errors += r.status_code != 200
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(worker, range(concurrency)))
+    wall = time.perf_counter() - t0
+    a = np.asarray(lat) * 1000
+    return {"concurrency": concurrency, "requests": n, "errors": errors, "p50_ms": float(np.percentile(a, 50)),
+            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "rps": n / wall}
+
+
+def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | None = None) -> list[dict]:
+    import logging
+
+    import httpx
+
+    from deploy.replica import Replica, Server, StaticTokens
+    from exporter.export import export_graph, model_manifest, write_id_maps
+    from exporter.store import SnapshotStore
+    from exporter.synthetic import make_checkpoint, make_model, make_users
+
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    results = []
+    for preset_name in presets:
+        for n_items in corpora:
+            with tempfile.TemporaryDirectory(prefix="oneranker-bench-") as tmp:
+                tmp = Path(tmp)
+                model = make_model(preset_name, num_items=n_items + 2, num_users=1002)
+                ckpt = make_checkpoint(model, 1)
+                snap = tmp / "snap"
+                snap.mkdir()
+                t0 = time.perf_counter()
+                graph = export_graph(model, snap)
+                export_s = time.perf_counter() - t0
+                write_id_maps(ckpt, snap)
+                store = SnapshotStore(str(tmp / "store"))
+                doc = store.publish(snap, {"checkpoint_step": 1, "model": model_manifest(model, graph)})
+                store.set_current(doc["version"])
+                users = make_users(1002, n_items + 2, model.cfg.max_len, 1000, seed=1)
+                replica = Replica(f"bench-{preset_name}-{n_items}", store.url, StaticTokens(users),
+                                  cache_dir=tmp / "cache", threads=threads, poll_s=3600)
+                t0 = time.perf_counter()
+                server = Server(replica, "127.0.0.1", _free_port()).start_background()
+                load_s = time.perf_counter() - t0
+                try:
+                    ids = list(users)
+                    with httpx.Client(base_url=server.url) as c:  # warm the HTTP path
+                        for u in ids[:10]:
+                            c.post("/v1/rank", json={"user_id": u, "k": 10}).raise_for_status()
+                    for conc in (1, 8):
+                        r = load(server.url, ids, n, conc)
+                        results.append({"preset": preset_name, "corpus": n_items, "export_s": round(export_s, 1),
+                                        "load_and_warm_s": round(load_s, 2),
+                                        "model_bytes": sum(p.stat().st_size for p in snap.glob("model.onnx*")),
+                                        "providers": replica.active.providers, "host": platform.node(),
+                                        **r})
+                finally:
+                    server.stop()
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="oneranker bench serve (one replica, HTTP on 127.0.0.1)")
+    for col in ("preset", "corpus", "conc", "p50 ms", "p95 ms", "p99 ms", "req/s", "errors", "load+warm s", "MB"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(r["preset"], f"{r['corpus']:,}", str(r["concurrency"]), f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
+                  f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}", str(r["errors"]), f"{r['load_and_warm_s']:.2f}",
+                  f"{r['model_bytes'] / 1e6:.1f}")
+    Console().print(t)

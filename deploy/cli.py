@@ -1,0 +1,79 @@
+"""``oneranker serve`` (one HTTP replica) and ``oneranker bench serve`` (heavy imports inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from oneranker import config
+
+console = Console()
+
+
+def serve_cmd(
+    replica_id: str = typer.Option(..., "--replica-id", help="Name of this replica (metrics, logs, responses)."),
+    store: Optional[str] = typer.Option(None, "--store", envvar="ONERANKER_SNAPSHOT_STORE",
+                                        help="Snapshot store URL (default file://$ONERANKER_HOME/snapshots)."),
+    port: int = typer.Option(config.DEFAULT_SERVE_PORT, "--port", help="HTTP port."),
+    host: Optional[str] = typer.Option(None, "--host", envvar="ONERANKER_BIND", help="Bind address (default 127.0.0.1)."),
+    features: str = typer.Option("feast", "--features",
+                                 help="User tokens: 'feast' (the online store), 'none' (every user cold), "
+                                      "or a JSON file {user_id: {item_ids, actions, event_times}}."),
+    online: Optional[str] = typer.Option(None, "--online", envvar="ONERANKER_FEAST_ONLINE",
+                                         help="Feast online store (sqlite, a path, or redis://…)."),
+    poll_s: float = typer.Option(5.0, "--poll-s", help="Seconds between checks of the store's CURRENT pointer."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where snapshots are downloaded."),
+    kafka: bool = typer.Option(True, "--kafka/--no-kafka", help="Listen for announcements on oneranker.snapshots."),
+    bootstrap_servers: Optional[str] = typer.Option(None, "--bootstrap-servers", envvar="ONERANKER_KAFKA",
+                                                    help="Kafka bootstrap servers (default 127.0.0.1:9092)."),
+    cuda: bool = typer.Option(True, "--cuda/--no-cuda", help="Use CUDAExecutionProvider when it works."),
+) -> None:
+    """Run one serving replica: POST /v1/rank, /healthz, /readyz, /metrics, /admin/{reload,rollback}."""
+    from deploy.replica import FeastTokens, Replica, Server, StaticTokens, admin_token_from_env
+
+    settings = config.settings()
+    if features == "feast":
+        tokens = FeastTokens(online)
+    elif features == "none":
+        tokens = StaticTokens()
+    else:
+        tokens = StaticTokens.from_file(Path(features))
+    replica = Replica(replica_id, store or settings.snapshot_store_url, tokens, cache_dir=cache_dir,
+                      threads=threads, poll_s=poll_s,
+                      bootstrap=(bootstrap_servers or settings.bootstrap_servers) if kafka else None,
+                      admin_token=admin_token_from_env(), want_cuda=cuda)
+    server = Server(replica, host or settings.bind_host, port, log_level="info")
+    console.print(f"replica {replica_id} on {server.url} serving from {replica.store.url}")
+    server.run()
+
+
+def bench_serve_cmd(
+    out: Path = typer.Option(Path("bench_serve.json"), "--out", help="Write the results as JSON here."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller corpora and fewer requests."),
+    requests: Optional[int] = typer.Option(None, "--requests", help="Requests per concurrency level."),
+    presets: str = typer.Option("small,paper", "--presets", help="Comma-separated model presets."),
+    corpora: Optional[str] = typer.Option(None, "--corpora", help="Comma-separated corpus sizes "
+                                          "(default 1000,100000; --quick 1000,10000)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
+) -> None:
+    """p50/p95/p99 latency and requests/s of one replica over HTTP at concurrency 1 and 8, per preset
+    and corpus size (untrained weights)."""
+    import json
+
+    from deploy.bench import print_table, run_bench
+
+    sizes = [int(x) for x in (corpora or ("1000,10000" if quick else "1000,100000")).split(",")]
+    n = requests or (100 if quick else 400)
+    results = run_bench([p.strip() for p in presets.split(",")], sizes, n, threads=threads)
+    print_table(results)
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+    bench_app.command("serve")(bench_serve_cmd)
