@@ -59,9 +59,8 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
     import httpx
 
     from deploy.replica import Replica, Server, StaticTokens
-    from exporter.export import export_graph, model_manifest, write_id_maps
     from exporter.store import SnapshotStore
-    from exporter.synthetic import make_checkpoint, make_model, make_users
+    from exporter.synthetic import make_model, make_users, publish_model
 
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -71,16 +70,10 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
             with tempfile.TemporaryDirectory(prefix="oneranker-bench-") as tmp:
                 tmp = Path(tmp)
                 model = make_model(preset_name, num_items=n_items + 2, num_users=1002)
-                ckpt = make_checkpoint(model, 1)
-                snap = tmp / "snap"
-                snap.mkdir()
-                t0 = time.perf_counter()
-                graph = export_graph(model, snap)
-                export_s = time.perf_counter() - t0
-                write_id_maps(ckpt, snap)
                 store = SnapshotStore(str(tmp / "store"))
-                doc = store.publish(snap, {"checkpoint_step": 1, "model": model_manifest(model, graph)})
-                store.set_current(doc["version"])
+                doc = publish_model(store, model, 1, tmp)
+                export_s = doc["export_s"]
+                model_bytes = sum(f["size"] for n, f in doc["files"].items() if n.startswith("model.onnx"))
                 users = make_users(1002, n_items + 2, model.cfg.max_len, 1000, seed=1)
                 replica = Replica(f"bench-{preset_name}-{n_items}", store.url, StaticTokens(users),
                                   cache_dir=tmp / "cache", threads=threads, poll_s=3600)
@@ -96,7 +89,7 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                         r = load(server.url, ids, n, conc)
                         results.append({"preset": preset_name, "corpus": n_items, "export_s": round(export_s, 1),
                                         "load_and_warm_s": round(load_s, 2),
-                                        "model_bytes": sum(p.stat().st_size for p in snap.glob("model.onnx*")),
+                                        "model_bytes": model_bytes,
                                         "providers": replica.active.providers, "host": platform.node(),
                                         **r})
                 finally:

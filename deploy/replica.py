@@ -287,30 +287,27 @@ class BodyLimit:
                     too_big = True
                 if too_big:
                     return await _send_json(send, 413, {"error": f"request body over {self.limit} bytes"})
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # Buffer the body (it is small by contract) so the limit also holds for chunked uploads.
+        body = bytearray()
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if len(body) > self.limit:
+                return await _send_json(send, 413, {"error": f"request body over {self.limit} bytes"})
+            if not msg.get("more_body"):
+                break
+        replayed = False
 
-        started = False
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
 
-        async def track(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited, track)
-        except _TooLarge:
-            if not started:
-                await _send_json(send, 413, {"error": f"request body over {self.limit} bytes"})
+        await self.app(scope, replay, send)
 
 
 class _TooLarge(Exception):

@@ -28,6 +28,7 @@ def make_session(path: str | Path, threads: int | None = None, want_cuda: bool =
     actually in use). Only ``session.get_providers()`` tells the truth (DESIGN §8 trap 4)."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # the GPU wheel's missing-CUDA error: we report it below
     available = ort.get_available_providers()
     providers = (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in available else []) \
         + ["CPUExecutionProvider"]

@@ -97,8 +97,8 @@ class SnapshotStore:
             self.fs.pipe_file(self._p(name), data)
 
     # --- reading -------------------------------------------------------------------------
-    def versions(self) -> list[int]:
-        """Complete snapshots (with a manifest), oldest first."""
+    def _version_dirs(self) -> list[int]:
+        """Every vNNNNNNNN entry, complete or not (an interrupted upload still uses its number)."""
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -106,9 +106,13 @@ class SnapshotStore:
         out = []
         for e in entries:
             m = _VERSION_DIR.match(e.rstrip("/").rsplit("/", 1)[-1])
-            if m and self.fs.exists(self._p(m.group(0), MANIFEST)):
+            if m:
                 out.append(int(m.group(1)))
         return sorted(out)
+
+    def versions(self) -> list[int]:
+        """Complete snapshots (with a manifest), oldest first."""
+        return [v for v in self._version_dirs() if self.fs.exists(self._p(version_name(v), MANIFEST))]
 
     def manifest(self, version: int) -> dict:
         doc = self._read_json(version_name(version), MANIFEST)
@@ -121,7 +125,7 @@ class SnapshotStore:
 
     def latest_version(self) -> int:
         doc = self._read_json(LATEST) or {}
-        return max([int(doc.get("version", 0)), *self.versions()] or [0])
+        return max([int(doc.get("version", 0)), *self._version_dirs()])
 
     def fetch(self, version: int, dest: Path) -> dict:
         """Download snapshot ``version`` into ``dest`` and verify every file's size and sha256.

@@ -98,3 +98,19 @@ def save_jsonl(rows: list[dict], path: Path) -> Path:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def publish_model(store, model, step: int, workdir: Path, set_current: bool = True) -> dict:
+    """Export ``model`` and publish it WITHOUT parity or quality gate (benchmarks and tests that
+    need a real snapshot fast; the exporter itself always runs the checks)."""
+    from exporter.export import export_graph, model_manifest, write_id_maps
+
+    snap = Path(workdir) / f"snap-{step}"
+    snap.mkdir(parents=True)
+    graph = export_graph(model, snap)
+    write_id_maps(make_checkpoint(model, step), snap)
+    doc = store.publish(snap, {"checkpoint_step": step, "model": model_manifest(model, graph),
+                               "export_s": graph["export_s"]})
+    if set_current:
+        store.set_current(doc["version"])
+    return doc
