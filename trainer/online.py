@@ -129,8 +129,17 @@ def resize_rows(model: nn.Module, opt: torch.optim.Optimizer | None, name: str, 
         mod._buffers[attr] = data
 
 
-def _cfg_of(model) -> OneRankerConfig:
-    return model.cfg
+def id_init(keys: Sequence[str], d: int, std: float, salt: int = 0) -> torch.Tensor:
+    """Initial embedding rows for newly admitted ids: N(0, std) seeded by the id itself, so a row's
+    start does not depend on when (or in which process, before or after a resume) it was admitted."""
+    import hashlib
+
+    out = torch.empty(len(keys), d)
+    g = torch.Generator()
+    for j, k in enumerate(keys):
+        g.manual_seed(int.from_bytes(hashlib.blake2b(f"{salt}:{k}".encode(), digest_size=8).digest(), "little") >> 1)
+        out[j] = torch.randn(d, generator=g) * std
+    return out
 
 
 def set_table_sizes(model: OneRanker, opt, num_items: int | None = None, num_users: int | None = None) -> None:
@@ -159,14 +168,26 @@ class Vocab:
         self.users = users or IdMap()
         self.min_capacity = min_capacity
         self.max_users = max_users
+        self.new_items: list[tuple[int, str]] = []  # admitted since the learner last initialised rows
+        self.new_users: list[tuple[int, str]] = []
 
     def item(self, key: str) -> int:
-        return self.items.get_or_add(str(key))
+        key = str(key)
+        i = self.items.index.get(key)
+        if i is None:
+            i = self.items.get_or_add(key)
+            self.new_items.append((i, key))
+        return i
 
     def user(self, key: str) -> int:
-        if self.max_users is not None and str(key) not in self.users.index and len(self.users) >= self.max_users:
-            return OOV
-        return self.users.get_or_add(str(key))
+        key = str(key)
+        i = self.users.index.get(key)
+        if i is None:
+            if self.max_users is not None and len(self.users) >= self.max_users:
+                return OOV
+            i = self.users.get_or_add(key)
+            self.new_users.append((i, key))
+        return i
 
     def capacity_for(self, used: int, current: int) -> int:
         cap = max(current, self.min_capacity)
@@ -425,6 +446,23 @@ class OnlineLearner:
             c = torch.zeros(new_i)
             c[: self.clicks.shape[0]] = self.clicks
             self.clicks = c
+        self._init_new_rows()
+
+    @torch.no_grad()
+    def _init_new_rows(self) -> None:
+        """Rows of newly admitted ids start from an id-seeded init (and zero optimizer moments)."""
+        for new, name, std, salt in ((self.vocab.new_items, ITEM_ROWS[0], ITEM_INIT_STD, self.seed),
+                                     (self.vocab.new_users, USER_ROWS[0], USER_INIT_STD, self.seed + 1)):
+            if not new:
+                continue
+            mod, attr = _owner(self.model, name)
+            w = getattr(mod, attr)
+            idx = torch.tensor([i for i, _ in new], device=w.device)
+            w[idx] = id_init([k for _, k in new], w.shape[1], std, salt).to(w)
+            for v in self.opt.state.get(w, {}).values():
+                if torch.is_tensor(v) and v.shape == w.shape:
+                    v[idx] = 0
+            new.clear()
 
     def log_q(self) -> torch.Tensor:
         n = len(self.vocab.items)
