@@ -1,0 +1,101 @@
+"""Exported snapshots rank exactly like the torch inference function (trainer.infer.rank_topk),
+for the small preset (through the `oneranker export` CLI) and the paper preset (small corpus)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from exporter.export import stage  # noqa: E402
+from exporter.runtime import OnnxRanker  # noqa: E402
+from exporter.store import SnapshotStore  # noqa: E402
+from exporter.synthetic import make_checkpoint, make_model, make_users  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+from trainer.infer import rank_topk  # noqa: E402
+
+
+def _samples(users, num_items, seed=0):
+    from streaming.samples import Sample, SampleAd, sample_id
+
+    rng = random.Random(seed)
+    out = []
+    for j, (uid, seq) in enumerate(users.items()):
+        ads = [f"a{rng.randrange(num_items - 2)}" for _ in range(8)]
+        out.append(Sample(sample_id(uid, f"r{j}"), uid, f"r{j}", seq.event_times[-1] + 1, seq.to_dict(),
+                          [SampleAd(p + 1, a, 1.0, click=int(p == 0)) for p, a in enumerate(dict.fromkeys(ads))],
+                          {"device": "android"}).to_dict())
+    return out
+
+
+def _torch_vs_onnx(model, ranker, users, candidates=None):
+    """Same features into rank_topk (torch) and the snapshot (onnxruntime)."""
+    uids = list(users)
+    feeds = ranker.encode([users[u] for u in uids], uids, [2] * len(uids),
+                          [candidates] * len(uids) if candidates else None)
+    with torch.no_grad():
+        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(feeds[n]) for n in ranker.input_names),
+                                    k=ranker.top_k)
+    o_ids, o_scores = ranker.run(feeds)
+    valid = t_scores.numpy() > -5e8
+    np.testing.assert_array_equal(o_ids[valid], t_ids.numpy()[valid])
+    assert np.abs(o_scores - t_scores.numpy())[valid].max() <= 1e-4
+    # and the replica's per-request path gives the same top-10 as torch
+    for b, u in enumerate(uids[:3]):
+        got = ranker.rank(u, users[u], 10, candidates, device=2)
+        want = [ranker.items.keys[int(i)] for i, ok in zip(t_ids[b, :10], valid[b, :10]) if ok]
+        assert [a for a, _ in got] == want
+
+
+def test_small_preset_cli_export_publishes_a_verified_snapshot(tmp_path):
+    from oneranker.cli import app
+
+    model = make_model("small", num_items=400, num_users=60, seed=1)
+    users = make_users(60, 400, model.cfg.max_len, 24, seed=2)
+    ckpt = make_checkpoint(model, 7, recent_samples=_samples(users, 400))
+    checkpoint.save(tmp_path / "ckpt", ckpt)
+    url = (tmp_path / "store").as_uri()
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "--checkpoint-dir", str(tmp_path / "ckpt"), "--store", url,
+                              "--no-announce", "--json", str(tmp_path / "out.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out.json").read_text())[0]
+    assert report["status"] == "published" and report["version"] == 1
+    assert report["report"]["parity"]["ok"] and report["report"]["parity"]["rows"] >= 24
+    store = SnapshotStore(url)
+    m = store.manifest(1)
+    assert m["checkpoint_step"] == 7 and m["trained_through"]["offsets"] == ckpt.offsets
+    assert set(m["files"]) == {"model.onnx", "items.json", "users.json"}  # external_data=False
+    assert m["metrics"]["holdout"]["n"] == 24 and store.current()["version"] == 1
+    assert all(isinstance(d[0], str) for d in m["model"]["inputs"].values())  # dynamic batch
+    ranker = OnnxRanker(tmp_path / "dl", store.fetch(1, tmp_path / "dl"), threads=1, want_cuda=False)
+    _torch_vs_onnx(model, ranker, users)
+    _torch_vs_onnx(model, ranker, users, candidates=[f"a{i}" for i in range(0, 398, 7)])
+    # the same checkpoint again: nothing to do
+    res = runner.invoke(app, ["export", "--checkpoint-dir", str(tmp_path / "ckpt"), "--store", url, "--no-announce"])
+    assert res.exit_code == 0 and "up_to_date" in res.output
+    res = runner.invoke(app, ["snapshots", "list", "--store", url, "--json"])
+    listing = json.loads(res.output)
+    assert [s["version"] for s in listing["snapshots"]] == [1] and listing["snapshots"][0]["current"]
+
+
+def test_paper_preset_parity_on_a_small_corpus(tmp_path):
+    model = make_model("paper", num_items=600, num_users=40, seed=3)
+    users = make_users(40, 600, model.cfg.max_len, 12, seed=4)
+    ckpt = make_checkpoint(model, 1, recent_samples=_samples(users, 600))
+    store = SnapshotStore(str(tmp_path / "store"))
+    staged = stage(ckpt, store, threads=2)
+    try:
+        assert staged.result.status == "staged", staged.result.report
+        p = staged.result.report["parity"]
+        assert p["ok"] and p["topk_mismatch_rows"] == 0 and p["max_abs_diff"] <= 1e-4
+        ranker = OnnxRanker(staged.dir, {**staged.manifest, "version": 0}, threads=2, want_cuda=False)
+        assert ranker.top_k == 100 and ranker.max_len == 200
+        _torch_vs_onnx(model, ranker, users)
+    finally:
+        staged.cleanup()
