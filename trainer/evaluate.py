@@ -65,7 +65,9 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(chunks) / cfg.batch_size)
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
+    warm = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 10%
+        opt, lambda s: min((s + 1) / warm, max(0.1, 1.0 - 0.9 * (s - warm) / max(1, total - warm))))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     task = progress.add_task(label, total=total) if progress is not None else None
     parts_sum: dict[str, float] = {}
@@ -80,8 +82,12 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
             batch = _to(collate_chunks([chunks[i] for i in idx], cfg.max_len, cfg.train_positions, rng), dev)
             with amp:
                 if isinstance(model, OneRanker):
+                    pool = None
+                    if cfg.rank_hard_negatives and model.ranker is not None:  # whole corpus when small
+                        pool = (torch.arange(2, cfg.num_items, device=dev) if cfg.num_items <= 8192 else
+                                torch.randint(2, cfg.num_items, (8192,), device=dev, generator=gen))
                     out = model(batch["user"], batch["items"], batch["actions"], batch["times"],
-                                batch["pos"], batch["device"], batch["cand"])
+                                batch["pos"], batch["device"], batch["cand"], pool)
                     loss, parts = oneranker_loss(model, out, batch, log_q, gen)
                 else:
                     loss, parts = model.loss(batch, log_q, gen)

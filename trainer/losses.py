@@ -100,10 +100,19 @@ def oneranker_loss(model, out: dict, batch: dict, log_q: torch.Tensor,
     parts = {"mtp": mtp_loss(model, out, batch, log_q, cfg.num_negatives, generator)}
     loss = cfg.alpha * parts["mtp"]
     if "score" in out:
-        valid = (batch["cand"] > 0) & batch["pos_valid"].unsqueeze(-1)
-        parts["rank"] = bpr_loss(out["score"], batch["value"], valid)
-        parts["ctr"] = bce(out["ctr"], batch["click"], valid)
-        parts["cvr"] = bce(out["cvr"], batch["conv"], valid & (batch["click"] > 0))
+        cand = out.get("cand", batch["cand"])
+        extra = cand.shape[-1] - batch["cand"].shape[-1]  # appended hard negatives: label 0
+
+        def pad(x):
+            return F.pad(x, (0, extra)) if extra else x
+
+        valid = (cand > 0) & batch["pos_valid"].unsqueeze(-1)
+        exposed = pad(torch.ones_like(batch["click"])) > 0
+        click, conv, value = pad(batch["click"]), pad(batch["conv"]), pad(batch["value"])
+        parts["rank"] = bpr_loss(out["score"], value, valid)
+        # pCTR/pCVR stay calibrated on real exposures only
+        parts["ctr"] = bce(out["ctr"], click, valid & exposed)
+        parts["cvr"] = bce(out["cvr"], conv, valid & exposed & (click > 0))
         loss = loss + cfg.beta * (parts["rank"] + parts["ctr"] + parts["cvr"])
         if cfg.use_dc_loss:
             parts["dc"] = dc_loss(out["score"], out["gen_cand"].mean(2), valid, cfg.tau)

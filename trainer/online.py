@@ -650,26 +650,34 @@ def append_learned(path: Path, step: int, ids: Iterable[str]) -> None:
 
 
 def read_learned(path: Path) -> list[tuple[int, str]]:
+    """(checkpoint step, sample id) lines; a torn last line (no newline: killed mid-append) is ignored."""
     if not Path(path).exists():
         return []
+    text = Path(path).read_text()
+    lines = text.split("\n")[:-1]  # the part after the last newline is torn or empty
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in lines:
         if "\t" in line:
-            s, i = line.split("\t", 1)
-            out.append((int(s), i))
+            st, i = line.split("\t", 1)
+            out.append((int(st), i))
     return out
 
 
 def reconcile_learned(path: Path, ck: ckpt_mod.Checkpoint | None) -> None:
-    """Make the log equal to what checkpoint ``ck`` holds: drop lines of steps after it (a
-    checkpoint that did not survive) and append its ids when the crash hit before the append."""
+    """Make the log equal to what checkpoint ``ck`` holds: the lines of earlier checkpoints (each
+    complete, since the next checkpoint is written only after the append), then exactly ``ck``'s
+    ids — dropping a torn or partial append and lines of checkpoints that did not survive."""
+    path = Path(path)
     rows = read_learned(path)
     step = ck.step if ck is not None else -1
-    keep = [(s, i) for s, i in rows if s <= step]
-    if len(keep) != len(rows):
-        Path(path).write_text("".join(f"{s}\t{i}\n" for s, i in keep))
-    if ck is not None and not any(s == step for s, _ in keep):
-        append_learned(path, step, (ck.extra or {}).get("learned_ids", []))
+    keep = [(s, i) for s, i in rows if s < step]
+    if ck is not None:
+        keep += [(step, i) for i in (ck.extra or {}).get("learned_ids", [])]
+    text = "".join(f"{s}\t{i}\n" for s, i in keep)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------

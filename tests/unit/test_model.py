@@ -155,3 +155,16 @@ def test_every_ablation_ranks_and_respects_eligibility(name):
     assert ids.shape == (3, 3) and ((ids >= 10) & (ids < 20)).all()
     assert len(set(ids[0].tolist())) == 3  # merged heads are deduplicated
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_hard_negatives_extend_step3_training_candidates():
+    m = model(rank_hard_negatives=3)
+    b = _batch(m.cfg)
+    pool = torch.arange(2, 40)
+    out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"], pool)
+    assert out["cand"].shape[-1] == b["cand"].shape[-1] + 3 and out["score"].shape == out["cand"].shape
+    hard = out["cand"][..., -3:]
+    assert not (hard.unsqueeze(-1) == b["cand"].unsqueeze(-2)).any()  # never an exposed candidate
+    log_q = torch.full((40,), -torch.log(torch.tensor(38.0)))
+    loss, parts = oneranker_loss(m, out, b, log_q)
+    assert torch.isfinite(loss) and parts["rank"] > 0

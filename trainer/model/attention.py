@@ -21,17 +21,30 @@ class MultiHeadAttention(nn.Module):
         self.o = nn.Linear(d, d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [*, Q, d], mem [*, K, d], mask bool [*, Q, K] (True = may attend) → [*, Q, d].
-
-        A query row with no allowed key gets zeros (never NaN)."""
+    def forward(self, x: torch.Tensor, mem, mask) -> torch.Tensor:
+        """x [*, Q, d]; mem [*, K, d] and mask bool [*, Q, K] (True = may attend), or tuples of
+        parts (mem_i [*|1, K_i, d], mask_i [*|1, Q|1, K_i]) attended jointly as if concatenated:
+        a part shared across leading dims (e.g. H1 for every query position) is projected once.
+        → [*, Q, d]. A query row with no allowed key gets zeros (never NaN)."""
+        mems = mem if isinstance(mem, (tuple, list)) else (mem,)
+        masks = mask if isinstance(mask, (tuple, list)) else (mask,)
         lead = x.shape[:-2]
         q = self.q(x).unflatten(-1, (self.h, self.dh)).transpose(-2, -3)  # [*, h, Q, dh]
-        k, v = self.kv(mem).unflatten(-1, (2 * self.h, self.dh)).transpose(-2, -3).chunk(2, dim=-3)
-        att = (q @ k.transpose(-1, -2)) * (self.dh ** -0.5)  # [*, h, Q, K]
-        m = mask.unsqueeze(-3)
-        att = att.masked_fill(~m, -1e9).softmax(-1) * m.to(att.dtype)
-        y = self.drop(att) @ v  # [*, h, Q, dh]
+        att, vs, ms = [], [], []
+        for mm, mk in zip(mems, masks):
+            k, v = self.kv(mm).unflatten(-1, (2 * self.h, self.dh)).transpose(-2, -3).chunk(2, dim=-3)
+            a = (q @ k.transpose(-1, -2)) * (self.dh ** -0.5)  # [*, h, Q, K_i]
+            m = mk.unsqueeze(-3).expand(*a.shape[:-3], 1, a.shape[-2], a.shape[-1])
+            att.append(a)
+            ms.append(m)
+            vs.append(v)
+        a, m = torch.cat(att, -1), torch.cat(ms, -1)
+        a = a.masked_fill(~m, -1e9).softmax(-1) * m.to(a.dtype)
+        a = self.drop(a)
+        y, off = 0, 0
+        for v in vs:  # Σ_i A_i · V_i without materialising the concatenated (expanded) values
+            y = y + a[..., off:off + v.shape[-2]] @ v
+            off += v.shape[-2]
         return self.o(y.transpose(-2, -3).reshape(*lead, x.shape[-2], self.h * self.dh))
 
 
@@ -57,7 +70,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor,
                 self_mask: torch.Tensor) -> torch.Tensor:
-        """x [*, Q, d], mem [*, K, d], mem_mask [*, Q|1, K], self_mask [Q, Q] → [*, Q, d]."""
+        """x [*, Q, d], mem/mem_mask as MultiHeadAttention (a tensor or tuple of parts),
+        self_mask [Q, Q] → [*, Q, d]."""
         x = x + self.cross(self.ln1(x), mem, mem_mask)
         h = self.ln2(x)
         x = x + self.self_attn(h, h, self_mask)

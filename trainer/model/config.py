@@ -45,6 +45,10 @@ class OneRankerConfig:
     retrieve_n: int = 50  # Step-2 top-N per head
     top_k: int = 10
     # --- training ---
+    # Step-3 training candidates = the exposed ads + this many of the generator's own top-scored
+    # items among the step's sampled negatives (label 0): Step 3 then also learns to judge the kind
+    # of list retrieval hands it at inference, not only popularity-sampled exposures.
+    rank_hard_negatives: int = 0
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
     weight_decay: float = 0.0

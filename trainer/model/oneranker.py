@@ -39,32 +39,42 @@ class OneRanker(nn.Module):
         self.step2.refresh_centroids(self.item_table.detach(), seed=seed)
 
     def encode(self, user, items, actions, times, pos, device):
-        """→ memory [B,P,1+S,d] (context token, then H1) and its mask [B,P,1,1+S]."""
+        """→ memory parts (context token [B,P,1,d], H1 [B,1,S,d]) and their masks
+        ([B,P,1,1], [B,P,1,S]: a query at pos sees H1 up to pos only)."""
         h1, valid = self.backbone(user, items, actions, times)  # [B,S,d], [B,S]
-        B, S, d = h1.shape
-        P = pos.shape[1]
+        S = h1.shape[1]
         idx = torch.arange(S, device=h1.device)
         keys = valid.unsqueeze(1) & (idx.view(1, 1, S) <= pos.unsqueeze(2))  # [B,P,S]
         ctx = self.backbone.embed.context(device).unsqueeze(2)  # [B,P,1,d]
-        mem = torch.cat([ctx, h1.unsqueeze(1).expand(B, P, S, d)], dim=2)
-        mask = torch.cat([torch.ones_like(keys[:, :, :1]), keys], dim=2).unsqueeze(2)
-        return mem, mask
+        return (ctx, h1.unsqueeze(1)), (torch.ones_like(keys[:, :, :1]).unsqueeze(2), keys.unsqueeze(2))
 
     def rank(self, mem, mask, s2_out, cand):
-        """Step 3 on candidates [B,P,C] given Step-2 outputs s2_out [B,P,Q,d] (the pass-through)."""
+        """Step 3 on candidates [B,P,C] given Step-2 outputs s2_out [B,P,Q,d] (the pass-through):
+        keys/values = concat(context, H1, Step-2 outputs), or without Step 2 when the switch is off."""
         if self.cfg.kv_passthrough:
-            mem = torch.cat([mem, s2_out], dim=2)
-            mask = torch.cat([mask, torch.ones_like(mask[..., :1]).expand(*mask.shape[:-1], s2_out.shape[2])], dim=-1)
+            mem = (*mem, s2_out)
+            mask = (*mask, torch.ones_like(mask[0]).expand(*s2_out.shape[:2], 1, s2_out.shape[2]))
         return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand])
 
     # --- forward --------------------------------------------------------------------------
-    def forward(self, user, items, actions, times, pos, device, cand=None) -> dict:
+    def forward(self, user, items, actions, times, pos, device, cand=None, pool=None) -> dict:
         """user [B], items/actions [B,L], times [B,L], pos [B,P], device [B,P], cand [B,P,C] →
-        dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C])."""
+        dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C]).
+
+        ``pool`` [M] (training): item ids from which the cfg.rank_hard_negatives best-scored by the
+        generator (not already candidates) are appended to cand; out["cand"] is the final list."""
         mem, mask = self.encode(user, items, actions, times, pos, device)
         task, fake, s_target = self.step2(mem, mask)
         out = {"task": task, "fake": fake, "s_target": s_target}
+        if cand is not None and pool is not None and self.cfg.rank_hard_negatives > 0:
+            with torch.no_grad():
+                g = self.step2.score_all(task, s_target, self.item_table[pool]).mean(2)  # [B,P,M]
+                taken = (pool.view(1, 1, -1, 1) == cand.unsqueeze(2)).any(-1)
+                g = g.masked_fill(taken, float("-inf"))
+                hard = pool[g.topk(self.cfg.rank_hard_negatives, dim=-1).indices]  # [B,P,E]
+            cand = torch.cat([cand, hard * (cand[..., :1] > 0)], dim=-1)
         if cand is not None:
+            out["cand"] = cand
             out["gen_cand"] = self.step2.score_each(task, s_target, self.item_table[cand])
             if self.ranker is not None:
                 s2 = torch.cat([task, fake], dim=2)

@@ -18,7 +18,7 @@ def step3_mask(n_cand: int) -> torch.Tensor:
 
 
 class Ranker(nn.Module):
-    """(memory [B,P,K,d], mem_mask [B,P,1,K], candidate vectors [B,P,C,d], log-bids [B,P,C])
+    """(memory parts, their masks (see MultiHeadAttention), candidate vectors [B,P,C,d], log-bids [B,P,C])
     → score [B,P,C], pCTR logit [B,P,C], pCVR logit [B,P,C]."""
 
     def __init__(self, cfg: OneRankerConfig):

@@ -80,8 +80,8 @@ class Step2(nn.Module):
             self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed).to(self.centroids)
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor):
-        """mem [B, P, K, d] (may be an expanded view), mem_mask [B, P, 1, K]."""
-        B, P = mem.shape[:2]
+        """mem/mem_mask: memory parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d])."""
+        B, P = mem_mask[0].shape[:2] if isinstance(mem_mask, (tuple, list)) else mem_mask.shape[:2]
         q = torch.cat([self.task, self.fake_tokens()], dim=0)  # [Q, d]
         x = q.expand(B, P, *q.shape)
         for layer in self.layers:

@@ -1,0 +1,88 @@
+"""Data plumbing (id maps, histories as of the request, collation) and an evaluate smoke run."""
+
+import json
+
+import torch
+
+from features.tokens import Action, TokenSequence
+from streaming.replay.adlayer import load_requests
+from trainer.data import (IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout,
+                          collate_histories, last_position, request_tokens)
+from trainer.evaluate import evaluate_main
+
+
+def test_idmap_reserves_pad_and_oov_and_round_trips():
+    m = IdMap()
+    assert m.get_or_add("a") == 2 and m.get_or_add("b") == 3 and m.get_or_add("a") == 2
+    assert m.get("zzz") == 1 and len(m) == 4
+    m2 = IdMap.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert m2.to_dict() == {"a": 2, "b": 3} and m2.get_or_add("c") == 4
+
+
+def test_histories_are_left_padded_and_relative_in_time():
+    items, actions, times = collate_histories([([5, 6], [2, 3], [100, 160]), ([], [], [])], max_len=4)
+    assert items.tolist() == [[0, 0, 5, 6], [0, 0, 0, 0]]
+    assert times[0].tolist() == [0, 0, -60, 0]
+    assert last_position(items).tolist() == [[4], [0]]
+
+
+def test_heldout_history_is_tokensequence_as_of_the_request_and_training_never_sees_it():
+    reqs, cat = load_requests("synthetic", limit=600)
+    items, users = IdMap(), IdMap()
+    streams, held = build_streams(reqs, cat, items, users)
+    by_user = {}
+    for r in sorted(reqs, key=lambda r: (r.ts, r.request_id)):
+        by_user.setdefault(r.user_id, []).append(r)
+    for u, hist, q, seen in held[:20]:
+        uid = users.keys[u]
+        seq = TokenSequence(max_len=10**9)
+        for r in by_user[uid]:  # every event of the user, even after the request
+            for a, act, t in request_tokens(r):
+                seq.append(a, act, t)
+        assert hist.to_dict() == seq.as_of(q.ts).to_dict()
+        assert all(t < q.ts for t in hist.event_times)
+    # a training query's history length is exactly len(TokenSequence.as_of(ts))
+    st = streams[0]
+    seq = TokenSequence(st_items := [str(i) for i in st.items], st.actions, st.times, 10**9)
+    for q in st.queries:
+        assert q.n_hist == len(seq.as_of(q.ts))
+    # the held-out request is not a training query
+    held_ts = {(u, q.ts) for u, _, q, _ in held}
+    assert not any((s.user, q.ts) in held_ts and q.n_hist >= len(s.items) and False for s in streams for q in s.queries)
+    n_train = sum(len(s.queries) for s in streams)
+    assert n_train + len(held) == len(reqs)
+
+
+def test_chunks_give_every_query_to_one_window_with_its_recent_history():
+    reqs, cat = load_requests("synthetic", limit=800)
+    streams, _ = build_streams(reqs, cat, IdMap(), IdMap())
+    chunks = chunk_streams(streams, max_len=8)
+    assert sum(len(c.queries) for c in chunks) == sum(len(s.queries) for s in streams)
+    for c in chunks:
+        assert c.end - c.start <= 8
+        for q in c.queries:
+            assert c.start <= q.n_hist <= c.end
+            assert q.n_hist - c.start >= min(q.n_hist, 4)  # at least max_len - stride tokens of context
+    b = collate_chunks(chunks[:5], 8, n_positions=3)
+    assert b["pos"].shape[1] <= 3 and (b["pos"] <= 8).all()
+    # the position's token is the newest history token before the request
+    c, p = chunks[0], 0
+    q = c.queries[p] if len(c.queries) <= 3 else None
+    if q is not None and q.n_hist > c.start:
+        tok = b["items"][0, b["pos"][0, 0] - 1]
+        assert tok == c.stream.items[q.n_hist - 1]
+
+
+def test_evaluate_main_smoke(tmp_path):
+    out = tmp_path / "eval.json"
+    res = evaluate_main("synthetic", "popularity,sasrec,cascade,oneranker,oneranker-gen-only", "tiny", epochs=1,
+                        device="cpu", out=str(out), seed=0, limit=1500, show=False)
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"popularity", "sasrec", "cascade", "oneranker", "oneranker-gen-only"}
+    r = data["models"]["oneranker"]
+    for k in ("hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "vndcg@10", "revenue@3", "gauc",
+              "logloss", "train_seconds"):
+        assert k in r
+    assert 0 <= r["hr@10"] <= 1 and "overlap@10" in r["consistency"]
+    assert "consistency" not in data["models"]["oneranker-gen-only"]
+    assert res["models"]["popularity"]["logloss"] is None
