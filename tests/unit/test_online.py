@@ -149,6 +149,11 @@ def test_learned_log_reconcile(tmp_path):
     assert [i for _, i in read_learned(log)] == ["a", "b", "d"]
     reconcile_learned(log, c)  # idempotent
     assert len(read_learned(log)) == 3
+    with open(log, "a") as f:  # killed mid-append of checkpoint 7's ids: torn line
+        f.write("7\td\n7\tpart")
+    assert [i for _, i in read_learned(log)] == ["a", "b", "d", "d"]
+    reconcile_learned(log, c)
+    assert [i for _, i in read_learned(log)] == ["a", "b", "d"]
 
 
 def test_prequential_improves_on_learnable_stream():

@@ -1,0 +1,78 @@
+"""Crash test of the incremental trainer against the real embedded broker: SIGKILL the trainer three
+times during a replay of samples (with duplicate deliveries) and restart it; the durable model must
+have learned every produced sample exactly once (learned-log in test mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from oneranker.kafka import ensure_topics
+from streaming.replay.adlayer import load_requests
+from trainer.online import read_learned
+from trainer.replay_samples import publish_samples, samples_from_requests
+
+N_SAMPLES = 480
+
+
+def _start(bootstrap: str, topic: str, group: str, tmp: Path, n: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "oneranker.cli", "train", "--bootstrap-servers", bootstrap,
+           "--samples-topic", topic, "--group-id", group, "--checkpoint-dir", str(tmp / "ckpt"),
+           "--learned-log", str(tmp / "learned.tsv"), "--preset", "small", "--batch-size", "16",
+           "--max-wait-ms", "200", "--checkpoint-every-steps", "2", "--checkpoint-every-s", "1",
+           "--metrics-port", "-1", "--metrics-every-s", "2", "--exit-when-idle-s", "6", "--threads", "1",
+           "--min-capacity", "64"]
+    env = dict(os.environ, ONERANKER_HOME=str(tmp / "home"), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, env=env, stdout=open(tmp / f"run{n}.log", "wb"), stderr=subprocess.STDOUT)
+
+
+def _learned(tmp: Path) -> list[str]:
+    return [i for _, i in read_learned(tmp / "learned.tsv")]
+
+
+def test_sigkill_three_times_learns_every_sample_once(broker, unique, tmp_path):
+    topic, group = f"test.samples.{unique}", f"test-trainer-{unique}"
+    ensure_topics(broker, [topic], partitions=4)
+    requests, _ = load_requests("synthetic", seed=1, limit=N_SAMPLES)
+    samples = samples_from_requests(requests)
+    produced = {s.sample_id for s in samples}
+    assert len(produced) == N_SAMPLES
+
+    def replay():  # a paced replay in chunks; every 7th sample delivered twice (at-least-once)
+        for i in range(0, N_SAMPLES, 60):
+            publish_samples(samples[i:i + 60], broker, topic, duplicate_every=7)
+            time.sleep(0.7)
+
+    producer = threading.Thread(target=replay, daemon=True)
+    producer.start()
+    kills = 0
+    for run in range(3):
+        before = len(_learned(tmp_path))
+        proc = _start(broker, topic, group, tmp_path, run)
+        deadline = time.monotonic() + 60
+        # kill once this run has made progress durable (a checkpoint beyond what it resumed from)
+        while time.monotonic() < deadline and len(_learned(tmp_path)) < before + 16 and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / f"run{run}.log").read_text()[-3000:]
+        assert len(_learned(tmp_path)) >= before + 16, "no progress before the deadline"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        kills += 1
+    producer.join(timeout=60)
+    proc = _start(broker, topic, group, tmp_path, 3)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "run3.log").read_text()
+    assert rc == 0, log[-3000:]
+    learned = _learned(tmp_path)
+    assert kills == 3
+    assert len(learned) == len(set(learned)), "a sample was learned twice"
+    assert set(learned) == produced, (len(set(learned)), len(produced))
