@@ -608,10 +608,20 @@ class OnlineLearner:
         self.vocab.items, self.vocab.users = IdMap.from_dict(ck.item_ids), IdMap.from_dict(ck.user_ids)
         # build the trimmed model, load, then grow back to capacity (params + optimizer state)
         self.model = OneRanker(cfg).to(self.dev)
-        self.model.load_state_dict(ck.model_state)
+        exact = True
+        try:
+            self.model.load_state_dict(ck.model_state)
+        except RuntimeError:
+            # The model code gained/lost parameters since this checkpoint: keep what matches (new
+            # parameters keep their init) and restart the optimizer moments, loudly.
+            res = self.model.load_state_dict(ck.model_state, strict=False)
+            log.warning("checkpoint %s is from another model version (missing %s, unexpected %s): "
+                        "loaded non-strictly, optimizer state reset", ck.path, res.missing_keys,
+                        res.unexpected_keys)
+            exact = False
         self.cfg = self.model.cfg
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if ck.optimizer_state:
+        if ck.optimizer_state and exact:
             self.opt.load_state_dict(ck.optimizer_state)
         cap = ex.get("capacity") or {}
         set_table_sizes(self.model, self.opt, max(cap.get("items", 0), self.vocab.capacity_for(len(self.vocab.items), 0)),

@@ -52,14 +52,13 @@ def test_sigkill_three_times_learns_every_sample_once(broker, unique, tmp_path):
     producer.start()
     kills = 0
     for run in range(3):
-        before = len(_learned(tmp_path))
+        target = (run + 1) * N_SAMPLES // 5  # kill at ~20%, 40%, 60% of the stream, mid-batch
         proc = _start(broker, topic, group, tmp_path, run)
         deadline = time.monotonic() + 60
-        # kill once this run has made progress durable (a checkpoint beyond what it resumed from)
-        while time.monotonic() < deadline and len(_learned(tmp_path)) < before + 16 and proc.poll() is None:
-            time.sleep(0.1)
+        while time.monotonic() < deadline and len(_learned(tmp_path)) < target and proc.poll() is None:
+            time.sleep(0.05)
         assert proc.poll() is None, (tmp_path / f"run{run}.log").read_text()[-3000:]
-        assert len(_learned(tmp_path)) >= before + 16, "no progress before the deadline"
+        assert len(_learned(tmp_path)) >= target, "no progress before the deadline"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         kills += 1
@@ -76,3 +75,18 @@ def test_sigkill_three_times_learns_every_sample_once(broker, unique, tmp_path):
     assert kills == 3
     assert len(learned) == len(set(learned)), "a sample was learned twice"
     assert set(learned) == produced, (len(set(learned)), len(produced))
+    assert log.count("resumed from") == 1 and all(
+        "resumed from" in (tmp_path / f"run{r}.log").read_text() for r in (1, 2, 3))
+    # the group's committed offsets are the final checkpoint's (committed only after it was written)
+    from kafka import KafkaConsumer, TopicPartition
+
+    from trainer.checkpoint import latest
+
+    ck = latest(tmp_path / "ckpt")
+    c = KafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False,
+                      session_timeout_ms=6000)
+    try:
+        committed = {f"{topic}:{p}": c.committed(TopicPartition(topic, p)) for p in range(4)}
+    finally:
+        c.close()
+    assert {k: v for k, v in committed.items() if v is not None} == ck.offsets
