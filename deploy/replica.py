@@ -138,12 +138,12 @@ class Replica:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.poll_s)
+            woken = self._wake.wait(self.poll_s)
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
-                self.check_now("poll")
+                self.check_now("announcement" if woken else "poll")
             except Exception:  # noqa: BLE001 - keep polling whatever happens
                 log.exception("[%s] snapshot check failed", self.replica_id)
 
