@@ -66,3 +66,20 @@ def test_incomplete_snapshot_is_invisible_and_versions_are_never_reused(tmp_path
     store.retain(1)
     assert store.versions() == [3, 6]
     assert store.publish(_files(tmp_path / "u"), {})["version"] == 7  # LATEST keeps the counter
+
+
+def test_object_store_path_without_rename(tmp_path):
+    """A non-local fsspec URL (memory://, standing in for s3://) takes the no-rename path:
+    files first, manifest last, pointer as one object."""
+    store = SnapshotStore("memory://oneranker-test-store")
+    assert not store.local
+    for i in range(3):
+        store.publish(_files(tmp_path / f"s{i}", str(i)), {"checkpoint_step": i})
+    store.fs.mkdir(store._p("v00000004"))  # an upload that never wrote its manifest
+    store.fs.pipe_file(store._p("v00000004", "model.onnx"), b"partial")
+    assert store.versions() == [1, 2, 3]
+    store.set_current(2)
+    assert store.fetch(2, tmp_path / "dl")["checkpoint_step"] == 1
+    assert store.publish(_files(tmp_path / "s9", "9"), {})["version"] == 5
+    assert store.retain(2) == [1] and store.versions() == [2, 3, 5]  # newest two + current
+    store.fs.rm(store.root, recursive=True)
