@@ -33,6 +33,15 @@ def make_samples(n: int, n_ads: int = 40, n_users: int = 12, seed: int = 0, pref
     return out
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine two threads contend and run ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw):
     return preset("tiny", dropout=0.0, **kw)
 
@@ -168,3 +177,16 @@ def test_prequential_improves_on_learnable_stream():
     lr = OnlineLearner(tiny(lr=5e-3), min_capacity=64)
     preds = [lr.step(ss[i:i + 32])[0] for i in range(0, len(ss), 32)]
     assert summarize(preds[-10:])["auc"] > 0.75
+
+
+def test_prometheus_endpoint_serves_window_metrics():
+    import urllib.request
+
+    from trainer.online import _Metrics
+
+    m = _Metrics(0)
+    m.window.labels("auc", "w1000").set(0.61)
+    m.samples.inc(5)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=5).read().decode()
+    assert 'oneranker_trainer_prequential{metric="auc",window="w1000"} 0.61' in body
+    assert "oneranker_trainer_samples_total 5.0" in body
