@@ -397,7 +397,8 @@ class OnlineLearner:
 
     def __init__(self, cfg: OneRankerConfig, device: str | torch.device = "cpu", seed: int = 0,
                  min_capacity: int = 1024, max_users: int | None = None, centroid_every: int = 100,
-                 recent_ids: int = 200_000, recent_samples: int = 256):
+                 recent_ids: int = 200_000, recent_samples: int = 256, lr_warmup: int = 100,
+                 lr_floor: float = 0.25):
         self.dev = resolve_device(device) if isinstance(device, str) else device
         torch.manual_seed(seed)
         self.seed = seed
@@ -411,6 +412,7 @@ class OnlineLearner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.clicks = torch.zeros(cap_i)  # per item, for the negatives' sampling distribution
         self.centroid_every = centroid_every
+        self.lr_warmup, self.lr_floor = lr_warmup, lr_floor
         self.step_no = 0
         self.samples_learned = 0
         self.trained_through_ts = 0
@@ -423,6 +425,13 @@ class OnlineLearner:
         self._centroids_ready = False
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.dev.type == "cuda" else nullcontext())
         self.timing = {"data_s": 0.0, "compute_s": 0.0}
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over ``lr_warmup`` steps, then inverse-sqrt decay to a floor of
+        ``lr_floor`` × lr (an endless stream has no schedule end; the floor keeps it adapting)."""
+        w = max(1, self.lr_warmup)
+        f = (step + 1) / w if step < w else math.sqrt(w / (step + 1))
+        return self.cfg.lr * max(f, self.lr_floor if step >= w else 0.0)
 
     # -- dedupe --------------------------------------------------------------------------
     def seen(self, sample_id: str) -> bool:
@@ -471,12 +480,27 @@ class OnlineLearner:
         return torch.log((q / q.sum()).clamp(min=1e-12)).to(self.dev)
 
     @torch.no_grad()
-    def refresh_centroids(self) -> None:
-        n = len(self.vocab.items)
-        if n - 2 >= max(1, self.cfg.n_fake):
-            # only the used rows: unused capacity rows are untrained noise
-            self.model.step2.refresh_centroids(self.model.item_table[:n].detach(), seed=self.seed + self.step_no)
+    def refresh_centroids(self, iters: int = 3) -> None:
+        """Fake-item centroids from the used rows of the item table (unused capacity rows are
+        untrained filler). The first time: the model's k-means; afterwards WARM-STARTED Lloyd
+        iterations from the current centroids, so the fake item tokens drift with the table instead
+        of jumping to a fresh (re-seeded, re-ordered) clustering in the middle of the stream."""
+        n, k = len(self.vocab.items), self.cfg.n_fake
+        if not k or n - 2 < k:
+            return
+        table = self.model.item_table[:n].detach()
+        if not self._centroids_ready:
+            self.model.step2.refresh_centroids(table, seed=self.seed)
             self._centroids_ready = True
+            return
+        x = table[2:].float()
+        c = self.model.step2.centroids[:k].float().clone()
+        for _ in range(iters):
+            assign = torch.cdist(x, c).argmin(1)
+            tot = torch.zeros_like(c).index_add_(0, assign, x)
+            cnt = torch.bincount(assign, minlength=k).unsqueeze(1).float()
+            c = torch.where(cnt > 0, tot / cnt.clamp(min=1), c)
+        self.model.step2.centroids[:k] = c.to(self.model.step2.centroids)
 
     # -- one micro-batch -----------------------------------------------------------------
     def collate(self, samples: Sequence[Sample]) -> dict:
@@ -541,6 +565,8 @@ class OnlineLearner:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step_no)
             self.opt.step()
             self.step_no += 1
             self.samples_learned += len(samples)

@@ -174,7 +174,7 @@ def test_prequential_improves_on_learnable_stream():
         ads = [f"a{x}" for x in rng.choice(40, 6, replace=False)]
         sa = [SampleAd(i + 1, a, 1.0, int(a in good and rng.random() < 0.7), 0, 0.0) for i, a in enumerate(ads)]
         ss.append(Sample(f"s{r}", f"u{r % 7}", f"r{r}", r, {"item_ids": [], "actions": [], "event_times": []}, sa, {}))
-    lr = OnlineLearner(tiny(lr=5e-3), min_capacity=64)
+    lr = OnlineLearner(tiny(lr=5e-3), min_capacity=64, lr_warmup=1, lr_floor=1.0)
     preds = [lr.step(ss[i:i + 32])[0] for i in range(0, len(ss), 32)]
     assert summarize(preds[-10:])["auc"] > 0.75
 
