@@ -101,9 +101,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
             if task is not None:
                 progress.update(task, advance=1, description=f"{label} ep{ep + 1} " +
                                 " ".join(f"{k}={v:.3f}" for k, v in parts.items()))
-    if isinstance(model, OneRanker):
-        model.refresh_centroids(seed=seed + epochs)
-    return parts_sum
+    return parts_sum  # no refresh after the last epoch: evaluate with the fake items it trained with
 
 
 @torch.no_grad()

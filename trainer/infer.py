@@ -44,7 +44,8 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     gen = torch.gather(corpus.mean(1), 1, ids)  # bagged generator score of each retrieved item
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
-        score = model.rank(mem, mask, s2, ids.unsqueeze(1))[0][:, 0]  # [B, M]
+        seen = model.seen_in_history(items, pos, ids.unsqueeze(1))
+        score = model.rank(mem, mask, s2, ids.unsqueeze(1), seen)[0][:, 0]  # [B, M]
     else:
         score = gen
     final = score.masked_fill(dup | invalid, NEG)

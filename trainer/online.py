@@ -527,7 +527,8 @@ class OnlineLearner:
         valid = batch["cand"][:, 0] > 0
         click = batch["click"][:, 0]
         n = n_items or len(self.vocab.items)
-        corpus = model.corpus_scores(out["task"], out["s_target"])[:, 0].float().mean(1)  # [B, N]
+        with self.amp:  # on CUDA the outputs are bf16: score the corpus under the same autocast
+            corpus = model.corpus_scores(out["task"], out["s_target"])[:, 0].float().mean(1)  # [B, N]
         N = corpus.shape[1]
         bad = torch.arange(N, device=corpus.device)
         bad = (bad < 2) | (bad >= min(n, N))

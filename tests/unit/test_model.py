@@ -137,7 +137,7 @@ def test_fake_item_tokens_are_the_current_centroids():
     with torch.no_grad():
         m.item_table.mul_(3.0).add_(1.0)
     m.refresh_centroids(seed=0)
-    expect = kmeans(m.item_table.detach()[2:], m.cfg.n_fake_items, seed=0)
+    expect = kmeans(m.item_table.detach()[2:], m.cfg.n_fake_items, seed=0, init=before)
     assert torch.allclose(m.step2.fake_tokens(), expect)
     assert not torch.allclose(before, m.step2.fake_tokens())
     # and they are the query tokens Step 2 actually decodes from
@@ -168,3 +168,11 @@ def test_hard_negatives_extend_step3_training_candidates():
     log_q = torch.full((40,), -torch.log(torch.tensor(38.0)))
     loss, parts = oneranker_loss(m, out, b, log_q)
     assert torch.isfinite(loss) and parts["rank"] > 0
+
+
+def test_seen_in_history_respects_the_query_position():
+    items = torch.tensor([[0, 5, 6, 7]])  # left-padded; H1 indices 2, 3, 4 hold 5, 6, 7
+    pos = torch.tensor([[3, 4]])
+    cand = torch.tensor([[[5, 7, 9], [5, 7, 9]]])
+    seen = OneRanker.seen_in_history(items, pos, cand)
+    assert seen.tolist() == [[[True, False, False], [True, True, False]]]

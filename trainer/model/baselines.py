@@ -69,10 +69,15 @@ class SASRec(nn.Module):
     def gen_loss(self, h, batch, log_q, generator=None) -> torch.Tensor:
         ids = batch["targets"][:, :, 1] * batch["pos_valid"].unsqueeze(-1)  # click stage [B,P,n_t]
         m = self.cfg.num_negatives
-        neg_ids = sample_negatives(log_q, m, generator)
+        if m and m < log_q.shape[0]:
+            neg_ids = sample_negatives(log_q, m, generator)
+            lq = log_q + math.log(m)
+        else:  # full softmax
+            neg_ids = torch.arange(2, log_q.shape[0], device=h.device)
+            lq = torch.zeros_like(log_q)
         pos = (h.unsqueeze(2) * self.item(ids)).sum(-1)
         neg = h @ self.item.weight[neg_ids].T
-        return sampled_softmax(pos, neg, ids, neg_ids, log_q + math.log(m), torch.ones_like(pos))
+        return sampled_softmax(pos, neg, ids, neg_ids, lq, torch.ones_like(pos))
 
     def loss(self, batch, log_q, generator=None):
         l = self.gen_loss(self.states(batch), batch, log_q, generator)
@@ -97,26 +102,30 @@ class Cascade(nn.Module):
         self.cfg = cfg
         self.retriever = SASRec(cfg)
         self.device_emb = nn.Embedding(cfg.num_devices, d)
-        self.mlp = nn.Sequential(nn.Linear(4 * d + 1, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.SiLU(),
+        self.mlp = nn.Sequential(nn.Linear(4 * d + 2, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.SiLU(),
                                  nn.Linear(d, 1))
         self.register_buffer("item_log_bid", torch.zeros(cfg.num_items))
 
     def set_item_bids(self, bids: torch.Tensor) -> None:
         self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)))
 
-    def ctr_logit(self, h, device, cand) -> torch.Tensor:
-        """h [B,P,d], device [B,P], cand [B,P,C] → [B,P,C]."""
+    def ctr_logit(self, h, device, cand, batch) -> torch.Tensor:
+        """h [B,P,d], device [B,P], cand [B,P,C] → [B,P,C]. Features as OneRanker's Step 3 sees
+        them: user state, item, product, device, log bid, seen-in-history flag."""
+        from trainer.model.oneranker import OneRanker
+
+        seen = OneRanker.seen_in_history(batch["items"], batch["pos"], cand).float().unsqueeze(-1)
         e = self.retriever.item(cand).detach()
         h = h.detach().unsqueeze(2).expand_as(e)
         dv = self.device_emb(device).unsqueeze(2).expand_as(e)
-        f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1)], -1)
+        f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1), seen], -1)
         return self.mlp(f).squeeze(-1)
 
     def loss(self, batch, log_q, generator=None):
         h = self.retriever.states(batch)
         g = self.retriever.gen_loss(h, batch, log_q, generator)
         valid = (batch["cand"] > 0) & batch["pos_valid"].unsqueeze(-1)
-        r = bce(self.ctr_logit(h, batch["device"], batch["cand"]), batch["click"], valid)
+        r = bce(self.ctr_logit(h, batch["device"], batch["cand"], batch), batch["click"], valid)
         return g + r, {"mtp": float(g.detach()), "ctr": float(r.detach())}
 
     def corpus(self, batch, eligible=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +135,10 @@ class Cascade(nn.Module):
         if eligible is not None:
             s = s.masked_fill(~eligible, NEG)
         rs, ids = s.topk(min(self.cfg.retrieve_n, s.shape[-1]), -1)
-        ctr = self.ctr_logit(h, batch["device"], ids.unsqueeze(1))[:, 0]
+        ctr = self.ctr_logit(h, batch["device"], ids.unsqueeze(1), batch)[:, 0]
         return ids, ctr.masked_fill(rs <= NEG / 2, NEG)
 
     def candidates(self, batch) -> dict:
         h = self.retriever.states(batch)
-        ctr = self.ctr_logit(h, batch["device"], batch["cand"])[:, 0]
+        ctr = self.ctr_logit(h, batch["device"], batch["cand"], batch)[:, 0]
         return {"score": ctr, "ctr": ctr}

@@ -48,13 +48,22 @@ class OneRanker(nn.Module):
         ctx = self.backbone.embed.context(device).unsqueeze(2)  # [B,P,1,d]
         return (ctx, h1.unsqueeze(1)), (torch.ones_like(keys[:, :, :1]).unsqueeze(2), keys.unsqueeze(2))
 
-    def rank(self, mem, mask, s2_out, cand):
+    @staticmethod
+    def seen_in_history(items, pos, cand) -> torch.Tensor:
+        """Whether each candidate already appears in the history the query sees:
+        items [B,L], pos [B,P] (1+L layout), cand [B,P,C] → bool [B,P,C]."""
+        idx = torch.arange(1, items.shape[1] + 1, device=items.device)
+        visible = idx.view(1, 1, -1) <= pos.unsqueeze(-1)  # [B,P,L]
+        hit = cand.unsqueeze(-1) == items.view(items.shape[0], 1, 1, -1)  # [B,P,C,L]
+        return (hit & visible.unsqueeze(2) & (cand.unsqueeze(-1) > 1)).any(-1)
+
+    def rank(self, mem, mask, s2_out, cand, seen=None):
         """Step 3 on candidates [B,P,C] given Step-2 outputs s2_out [B,P,Q,d] (the pass-through):
         keys/values = concat(context, H1, Step-2 outputs), or without Step 2 when the switch is off."""
         if self.cfg.kv_passthrough:
             mem = (*mem, s2_out)
             mask = (*mask, torch.ones_like(mask[0]).expand(*s2_out.shape[:2], 1, s2_out.shape[2]))
-        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand])
+        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen)
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, user, items, actions, times, pos, device, cand=None, pool=None) -> dict:
@@ -78,7 +87,8 @@ class OneRanker(nn.Module):
             out["gen_cand"] = self.step2.score_each(task, s_target, self.item_table[cand])
             if self.ranker is not None:
                 s2 = torch.cat([task, fake], dim=2)
-                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand)
+                seen = self.seen_in_history(items, pos, cand)
+                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, seen)
         return out
 
     def corpus_scores(self, task, s_target) -> torch.Tensor:

@@ -18,7 +18,7 @@ def step3_mask(n_cand: int) -> torch.Tensor:
 
 
 class Ranker(nn.Module):
-    """(memory parts, their masks (see MultiHeadAttention), candidate vectors [B,P,C,d], log-bids [B,P,C])
+    """(memory parts, their masks (see MultiHeadAttention), candidate vectors [B,P,C,d], log-bids [B,P,C], seen-in-history flags [B,P,C])
     → score [B,P,C], pCTR logit [B,P,C], pCVR logit [B,P,C]."""
 
     def __init__(self, cfg: OneRankerConfig):
@@ -26,15 +26,20 @@ class Ranker(nn.Module):
         d = cfg.d_model
         self.rank_token = nn.Parameter(torch.randn(d) * 0.02)
         self.bid = nn.Linear(1, d)
+        self.seen = nn.Embedding(2, d)  # target-aware: the candidate already is in the history
+        nn.init.zeros_(self.seen.weight)
         self.layers = nn.ModuleList([DecoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
                                      for _ in range(cfg.n_step3_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(3 * d, d), nn.SiLU(), nn.Linear(d, 3))
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor, cand: torch.Tensor,
-                log_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                log_bid: torch.Tensor, seen: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, P, C, d = cand.shape
         c = cand + self.bid(log_bid.unsqueeze(-1))
+        if seen is not None:
+            c = c + self.seen(seen.long())
         x = torch.cat([self.rank_token.expand(B, P, 1, d), c], dim=2)  # [B,P,1+C,d]
         mask = step3_mask(C).to(cand.device)
         for layer in self.layers:

@@ -33,11 +33,13 @@ def step2_mask(n_tasks: int, n_fake: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """Plain Lloyd k-means on rows of x [N, d] → centroids [k, d] (deterministic for a seed)."""
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain Lloyd k-means on rows of x [N, d] → centroids [k, d] (deterministic for a seed).
+    ``init`` warm-starts from the previous centroids so fake item l keeps its identity across
+    refreshes (Step 2's weights learned for it stay meaningful)."""
     g = torch.Generator().manual_seed(seed)
     x = x.float().cpu()
-    c = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    c = init.float().cpu().clone() if init is not None else x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
     if c.shape[0] < k:  # fewer rows than clusters: repeat
         c = c.repeat((k + c.shape[0] - 1) // c.shape[0], 1)[:k]
     for _ in range(iters):
@@ -75,9 +77,12 @@ class Step2(nn.Module):
 
     @torch.no_grad()
     def refresh_centroids(self, item_table: torch.Tensor, seed: int = 0) -> None:
-        """k-means over the item embedding table (rows ≥ 2: no padding/OOV) → centroids."""
+        """k-means over the item embedding table (rows ≥ 2: no padding/OOV) → centroids; warm-started
+        from the current centroids after the first refresh."""
         if self.n_fake:
-            self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed).to(self.centroids)
+            cur = self.centroids[: self.n_fake]
+            init = cur if bool(cur.abs().sum() > 0) else None
+            self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed, init=init).to(self.centroids)
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor):
         """mem/mem_mask: memory parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d])."""
