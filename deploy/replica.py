@@ -121,7 +121,10 @@ class Replica:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self.check_now("startup")
+        try:
+            self.check_now("startup")
+        except Exception:  # noqa: BLE001 - not ready yet; the poller keeps trying
+            log.exception("[%s] no snapshot at startup", self.replica_id)
         t = threading.Thread(target=self._poll_loop, name=f"poll-{self.replica_id}", daemon=True)
         t.start()
         self._threads.append(t)
@@ -238,12 +241,18 @@ class Replica:
         dest = self.cache_dir / f"v{version:08d}-{uuid.uuid4().hex[:6]}"
         try:
             manifest = self.store.fetch(version, dest)
-            ranker = OnnxRanker(dest, manifest, threads=self.threads, want_cuda=self.want_cuda)
-            ranker.warm()
         except SnapshotError as exc:
             self._refuse(version, exc.reason, str(exc), dest)
             return False
-        except Exception as exc:  # noqa: BLE001 - a snapshot that cannot be loaded is refused
+        except Exception as exc:  # noqa: BLE001 - store unreachable: try again on the next check
+            log.warning("[%s] cannot fetch snapshot %d (%s); will retry", self.replica_id, version, exc)
+            self.metrics.rejected.labels(replica=self.replica_id, reason="fetch_error").inc()
+            shutil.rmtree(dest, ignore_errors=True)
+            return False
+        try:
+            ranker = OnnxRanker(dest, manifest, threads=self.threads, want_cuda=self.want_cuda)
+            ranker.warm()
+        except Exception as exc:  # noqa: BLE001 - verified files that do not load: refused
             self._refuse(version, "load", f"{exc.__class__.__name__}: {exc}", dest)
             return False
         old = self.active

@@ -354,7 +354,11 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 continue
-            result = export_checkpoint(ckpt, store, **kw)
+            try:
+                result = export_checkpoint(ckpt, store, **kw)
+            except Exception as exc:  # noqa: BLE001 - keep watching; this checkpoint is skipped
+                log.exception("export of checkpoint %d failed", step)
+                result = ExportResult("error", step, report={"error": f"{exc.__class__.__name__}: {exc}"})
             done = step
             if on_result:
                 on_result(result)

@@ -1,0 +1,42 @@
+"""`export --watch` logic: every newer checkpoint is exported and published; a refused one is not
+retried; retention keeps the newest few."""
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from exporter.export import watch  # noqa: E402
+from exporter.store import SnapshotStore  # noqa: E402
+from exporter.synthetic import make_checkpoint, make_model  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+
+
+def test_watch_exports_each_new_checkpoint(tmp_path):
+    store = SnapshotStore(str(tmp_path / "store"))
+    model = make_model("tiny", num_items=80, num_users=10)
+    ckdir = tmp_path / "ckpt"
+    checkpoint.save(ckdir, make_checkpoint(model, 1))
+    results, announced = [], []
+    stop = threading.Event()
+    t = threading.Thread(target=watch, args=(ckdir, store, stop, 0.2),
+                         kwargs=dict(on_result=results.append, announce=announced.append, keep=1, threads=1),
+                         daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(results) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        checkpoint.save(ckdir, make_checkpoint(model, 2, noise=1e-7))
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert [(r.status, r.version) for r in results] == [("published", 1), ("published", 2)]
+    assert [a["version"] for a in announced] == [1, 2] and announced[1]["url"].endswith("/v00000002")
+    assert store.versions() == [2] and store.current()["version"] == 2  # keep=1
+    assert store.manifest(2)["checkpoint_step"] == 2
