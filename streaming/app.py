@@ -177,19 +177,26 @@ class FeastPusher:
         from features.store import USER_PUSH_SOURCE, FeatureStoreClient, apply, open_store
 
         store = open_store(online=self.opts.feast_online)
-        try:
+        try:  # all of it: a worker killed during an apply can leave a partial registry
             store.get_data_source(USER_PUSH_SOURCE)
+            store.get_feature_view("user_sequence")
+            store.get_feature_view("user_profile")
         except Exception:
             log.info("feature store not applied yet: applying %s", config.settings().feature_repo)
             apply(online=self.opts.feast_online)
             store = open_store(online=self.opts.feast_online)
         return FeatureStoreClient(store, history_len=self.opts.join.history_len)
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.client = await loop.run_in_executor(self.executor, self._open)
-        self.ready.set()
+    def open(self) -> None:
+        """Open (and if needed apply) the store; the worker does this before it consumes."""
+        self.client = self._open()
         log.info("feast online store ready")
+
+    async def start(self) -> None:
+        if self.client is None:
+            loop = asyncio.get_running_loop()
+            self.client = await loop.run_in_executor(self.executor, self._open)
+        self.ready.set()
 
     def offer(self, rows: dict[str, Any]) -> None:
         self.pending.update(rows)
@@ -252,9 +259,15 @@ class StreamWorker:
         """After a rebalance the table is the truth again: rebuild joiners lazily."""
         self.parts.clear()
 
+    @staticmethod
+    def _decode(raw):
+        # values are written as JSON bytes; a changelog recovery may hand them back decoded
+        if raw is None or isinstance(raw, dict):
+            return raw
+        return json.loads(raw)
+
     def _load(self, user_id: str):
-        raw = self.users.get(user_id)
-        return json.loads(raw) if raw else None
+        return self._decode(self.users.get(user_id))
 
     def partition(self, p: int) -> _Partition:
         part = self.parts.get(p)
@@ -262,17 +275,53 @@ class StreamWorker:
             raw = self.clock_table.get(f"wm:{p}")
             wm = int(raw) if raw else MIN_TS
             joiner = Joiner(self.opts.join, load=self._load, watermark=wm, partition=p)
-            states = []
+            states, rows = [], {}
             for _, raw_state in list(self.users.items()):
-                d = json.loads(raw_state)
-                if d.get("p") == p and (d.get("pending") or d.get("orphans")):
+                d = self._decode(raw_state)
+                if not d or d.get("p") != p:
+                    continue
+                if d.get("pending") or d.get("orphans"):
                     states.append(d)
+                if self.pusher is not None:
+                    # re-sync Feast: pushes still queued when a previous worker died are not lost
+                    rows[d["u"]] = self._row(d)
             joiner.index(states)
+            if rows:
+                self.pusher.offer(rows)
             clock = PartitionClock(list(self.type_of_topic), self.opts.join.allowed_lateness_ms,
                                    self.opts.idle_s, time.monotonic(), wm)
             part = self.parts[p] = _Partition(joiner, clock)
             log.info("partition %d: watermark %s, %d users with open requests", p, wm, len(states))
         return part
+
+    def _row(self, d: dict):
+        from features.store import UserRow
+        from features.tokens import TokenSequence
+
+        return UserRow(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=self.opts.join.history_len),
+                       dict(d.get("profile") or {}))
+
+    def _backlog(self, p: int):
+        """backlog(topic) for partition p: True while the consumer's fetch position is behind the
+        partition's high watermark (as the fetch responses report it: correct on Tansu too)."""
+        try:
+            consumer = self.app.consumer._thread._ensure_consumer()
+            assignment = consumer._fetcher._subscriptions.subscription.assignment
+        except Exception:
+            return None
+        from aiokafka.structs import TopicPartition
+
+        def backlog(topic: str) -> bool:
+            try:
+                st = assignment.state_value(TopicPartition(topic, p))
+            except Exception:
+                return True
+            if st is None:
+                return False  # not ours
+            hw, pos = st.highwater, st.position
+            return hw is None or pos is None or pos < hw
+
+        return backlog
 
     # -- processing ------------------------------------------------------------------------------
     async def handle_batch(self, events) -> None:
@@ -298,7 +347,13 @@ class StreamWorker:
                 part = self.partition(msg.partition)
                 part.last_event = ev
                 part.clock.observe(msg.topic, data["ts"], now)
-                outcome = part.joiner.process(etype, data)
+                try:
+                    outcome = part.joiner.process(etype, data)
+                except Exception as exc:  # never crash on input: park it with the reason
+                    log.exception("event at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
+                    sends.append(await self._dead_letter(producer, msg, etype, contract.Rejection(
+                        "processing_error", f"{type(exc).__name__}: {exc}")))
+                    continue
                 self.stats[etype] += 1
                 self.metrics.events.labels(etype).inc()
                 self.metrics.outcomes.labels(outcome).inc()
@@ -326,7 +381,7 @@ class StreamWorker:
         """Advance partition p's watermark, emit due samples and persist changed states."""
         part = self.parts[p]
         joiner = part.joiner
-        samples = joiner.advance(part.clock.current(now))
+        samples = joiner.advance(part.clock.current(now, self._backlog(p)))
         sends = []
         producer = self.app.producer
         for s in samples:
@@ -367,7 +422,8 @@ class StreamWorker:
             now = time.monotonic()
             sends = []
             for p, part in list(self.parts.items()):
-                if part.last_event is not None and part.clock.current(now) > part.joiner.watermark:
+                if (part.last_event is not None
+                        and part.clock.current(now, self._backlog(p)) > part.joiner.watermark):
                     sends += await self._advance(p, now)
             if sends:
                 await self.app.producer.flush()
@@ -390,7 +446,10 @@ class StreamWorker:
 
     def _write_stats(self) -> None:
         d = self.opts.resolved_data_dir()
-        doc = {"pid": os.getpid(), "stats": dict(self.stats), "first_event_at": self.first_event_at,
+        outcomes: Counter[str] = Counter()
+        for pt in self.parts.values():
+            outcomes.update(pt.joiner.stats)
+        doc = {"pid": os.getpid(), "stats": dict(self.stats), "outcomes": dict(outcomes), "first_event_at": self.first_event_at,
                "last_event_at": self.last_event_at,
                "feast_rows": self.pusher.pushed_rows if self.pusher else 0,
                "feast_pending": len(self.pusher.pending) if self.pusher else 0,
@@ -480,4 +539,6 @@ def run_worker(opts: WorkerOptions, loglevel: str = "warning") -> None:
     names = list(opts.event_topics) + [opts.topic(config.TOPIC_SAMPLES), opts.topic(config.TOPIC_DLQ)]
     ensure_topics(opts.bootstrap, names, partitions=opts.partitions)
     app = create_app(opts)
+    if app.oneranker_worker.pusher is not None:
+        app.oneranker_worker.pusher.open()  # ready before the first event (feast imports are slow)
     Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -332,13 +332,17 @@ class PartitionClock:
             self.max_ts[topic] = ts
         self.last_seen[topic] = now
 
-    def current(self, now: float) -> int:
+    def current(self, now: float, backlog: Callable[[str], bool] | None = None) -> int:
+        """The watermark at wall time ``now``. ``backlog(topic)`` says whether the consumer knows of
+        records on that topic-partition it has not fetched yet (or cannot tell): such a topic
+        always holds the watermark, however long it has been silent (a restart with a backlog)."""
         holds = []
         for t in self.topics:
+            behind = backlog(t) if backlog is not None else False
             if t in self.max_ts:
-                if now - self.last_seen[t] < self.idle_s:
+                if behind or now - self.last_seen[t] < self.idle_s:
                     holds.append(self.max_ts[t])
-            elif now - self.started < self.idle_s:
+            elif behind or now - self.started < self.idle_s:
                 holds.append(MIN_TS)  # not heard from yet: it may still be catching up
         if holds:
             candidate = min(holds) - self.lateness if min(holds) > MIN_TS else MIN_TS

@@ -87,8 +87,9 @@ class WorkerProcess:
 
 
 def publish(bootstrap: str, events: list[tuple[str, dict]], suffix: str = "", pace: bool = False,
-            producer=None) -> int:
-    """Send (event_type, data) pairs to the suffixed event topics, key = user_id."""
+            producer=None, progress: list | None = None) -> int:
+    """Send (event_type, data) pairs to the suffixed event topics, key = user_id.
+    ``progress[0]`` (when given) counts the events handed to the producer so far."""
     own = producer is None
     producer = producer or make_producer(bootstrap)
     start = time.monotonic()
@@ -100,6 +101,8 @@ def publish(bootstrap: str, events: list[tuple[str, dict]], suffix: str = "", pa
                 time.sleep(ahead)  # replay pacing (event time → wall time), not synchronisation
         producer.send(config.EVENT_TOPICS[event_type] + suffix, key=str(data["user_id"]).encode(),
                       value=contract.encode(data))
+        if progress is not None:
+            progress[0] += 1
     producer.flush()
     if own:
         producer.close()

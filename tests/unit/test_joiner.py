@@ -196,3 +196,14 @@ def test_partition_clock_min_over_topics_idle_and_wall_clock_flush():
     # never moves back
     c.observe("i", T0, now=6.0)
     assert c.current(6.0) == T0 + 6000 + 3000 - 100
+
+
+def test_partition_clock_a_topic_with_a_backlog_holds_however_long_it_is_silent():
+    c = PartitionClock(["i", "c"], allowed_lateness_ms=0, idle_s=1.0, now=0.0)
+    c.observe("c", T0 + 40_000, now=0.1)  # restart: clicks fetched far ahead of impressions
+    behind = {"i": True, "c": False}
+    assert c.current(5.0, backlog=behind.get) == -(2**62)  # impressions never seen, still behind
+    c.observe("i", T0 + 1000, now=5.1)
+    assert c.current(9.0, backlog=behind.get) == T0 + 1000  # held at the impressions' event time
+    behind["i"] = False
+    assert c.current(9.0, backlog=behind.get) > T0 + 40_000  # caught up and silent: wall clock
