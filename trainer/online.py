@@ -208,26 +208,79 @@ def sample_labels(s: Sample) -> tuple[list[float], list[float], list[float]]:
     return click, conv, value
 
 
+def plan_rows(samples: Sequence[Sample], max_len: int, max_positions: int = 16) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Group a micro-batch's samples into sequence rows: the samples of one user whose histories are
+    prefixes of a newer sample's history share that sample's row, each as a query at its own
+    position (the model is causal, so a query at position p sees tokens ≤ p only — how
+    trainer/evaluate.py supervises many requests per sequence). Step 1 then runs once per row
+    instead of once per sample (ML-100k micro-batches of 64 hold ~3 users).
+
+    A sample joins a row only if it sees at least min(its history, max_len // 2) tokens there;
+    rows hold at most ``max_positions`` queries. Returns [(anchor sample index, [(sample index,
+    visible token count m)])]; the anchor's own query sees its whole window."""
+    import bisect
+
+    by_user: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_user.setdefault(s.user_id, []).append(i)
+    rows = []
+    for idx in by_user.values():
+        idx = sorted(idx, key=lambda i: (samples[i].ts, i))
+        while idx:
+            anchor = idx.pop()  # newest remaining
+            h = samples[anchor].history or {}
+            a_ids, a_times = h.get("item_ids") or [], h.get("event_times") or []
+            n_win = min(len(a_ids), max_len)
+            start = len(a_ids) - n_win
+            members = [(anchor, n_win)]
+            rest = []
+            for i in reversed(idx):
+                o = samples[i].history or {}
+                o_ids, o_times = o.get("item_ids") or [], o.get("event_times") or []
+                k = bisect.bisect_left(a_times, samples[i].ts)  # anchor tokens before this request
+                m = k - start
+                need = min(len(o_ids), max_len // 2)
+                # it sees m of its own tokens, no token it did not have, and at least `need`
+                ok = (len(members) < max_positions and need <= m <= len(o_ids)
+                      and (m == 0 or (o_ids[-m:] == a_ids[k - m:k] and o_times[-m:] == a_times[k - m:k])))
+                if ok:
+                    members.append((i, m))
+                else:
+                    rest.append(i)
+            idx = sorted(rest, key=lambda i: (samples[i].ts, i))
+            rows.append((anchor, members))
+    return rows
+
+
 def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_targets: int,
-                    rng: np.random.Generator, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Samples → a batch in the layout of trainer.data.collate_chunks with P = 1 (query at the newest
-    history position). Ids are admitted into ``vocab`` here."""
-    B = len(samples)
+                    rng: np.random.Generator, pin: bool = False, group: bool = True,
+                    max_positions: int = 16) -> dict[str, torch.Tensor]:
+    """Samples → a batch in the layout of trainer.data.collate_chunks: rows [B] of left-padded
+    history (see ``plan_rows``; ``group=False``: one row per sample), queries [B, P] at positions
+    ``pos`` with ``pos_valid``, exposed ads as candidates [B, P, C] with click/conversion/value
+    labels, generation targets from the request's own clicks/conversions. Ids are admitted into
+    ``vocab`` here. ``order`` [B, P] = the sample index of each query (-1 = padding)."""
+    rows = plan_rows(samples, max_len, max_positions) if group else [(i, [(i, min(max_len, len((s.history or {}).get("item_ids") or [])))]) for i, s in enumerate(samples)]
+    B = len(rows)
+    P = max(len(m) for _, m in rows)
     C = max(1, max(len(s.ads) for s in samples))
     items = np.zeros((B, max_len), np.int64)
     actions = np.zeros((B, max_len), np.int64)
     times = np.zeros((B, max_len), np.float32)
     user = np.zeros(B, np.int64)
-    pos = np.zeros((B, 1), np.int64)
-    device = np.zeros((B, 1), np.int64)
-    cand = np.zeros((B, 1, C), np.int64)
-    lab = np.zeros((3, B, 1, C), np.float32)
-    tgt = np.zeros((B, 1, 3, n_targets), np.int64)
-    tval = np.zeros((B, 1, n_targets), np.float32)
-    bid = np.zeros((B, C), np.float32)
-    for b, s in enumerate(samples):
-        user[b] = vocab.user(s.user_id)
-        h = s.history or {}
+    pos = np.zeros((B, P), np.int64)
+    pvalid = np.zeros((B, P), bool)
+    order = np.full((B, P), -1, np.int64)
+    device = np.zeros((B, P), np.int64)
+    cand = np.zeros((B, P, C), np.int64)
+    lab = np.zeros((3, B, P, C), np.float32)
+    tgt = np.zeros((B, P, 3, n_targets), np.int64)
+    tval = np.zeros((B, P, n_targets), np.float32)
+    bid = np.zeros((B, P, C), np.float32)
+    for b, (anchor, members) in enumerate(rows):
+        s0 = samples[anchor]
+        user[b] = vocab.user(s0.user_id)
+        h = s0.history or {}
         ids = (h.get("item_ids") or [])[-max_len:]
         n = len(ids)
         if n:
@@ -235,28 +288,32 @@ def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_tar
             actions[b, max_len - n:] = (h.get("actions") or [])[-n:]
             tm = np.asarray((h.get("event_times") or [])[-n:], np.float64)
             times[b, max_len - n:] = (tm - tm[-1]) / 1000.0  # seconds relative to the newest token
-            pos[b, 0] = max_len
-        device[b, 0] = DEVICE_INDEX.get(str((s.context or {}).get("device", "")), 0)
-        ads = s.ads[:C]
-        cid = [vocab.item(a.ad_id) for a in ads]
-        cand[b, 0, : len(cid)] = cid
-        click, conv, value = sample_labels(s)
-        lab[0, b, 0, : len(cid)] = click
-        lab[1, b, 0, : len(cid)] = conv
-        lab[2, b, 0, : len(cid)] = value
-        bid[b, : len(cid)] = [a.bid for a in ads]
-        imp = rng.choice(cid, size=min(n_targets, len(cid)), replace=False) if cid else []
-        clicked = [c for c, k in zip(cid, click) if k > 0][:n_targets]
-        conv_ads = [(c, a.value) for c, a in zip(cid, ads) if a.conversion][:n_targets]
-        tgt[b, 0, 0, : len(imp)] = imp
-        tgt[b, 0, 1, : len(clicked)] = clicked
-        tgt[b, 0, 2, : len(conv_ads)] = [c for c, _ in conv_ads]
-        tval[b, 0, : len(conv_ads)] = [v for _, v in conv_ads]
+        for p, (i, m) in enumerate(members):
+            s = samples[i]
+            pos[b, p] = max_len - n + m if m > 0 else 0
+            pvalid[b, p] = True
+            order[b, p] = i
+            device[b, p] = DEVICE_INDEX.get(str((s.context or {}).get("device", "")), 0)
+            ads = s.ads[:C]
+            cid = [vocab.item(a.ad_id) for a in ads]
+            cand[b, p, : len(cid)] = cid
+            click, conv, value = sample_labels(s)
+            lab[0, b, p, : len(cid)] = click
+            lab[1, b, p, : len(cid)] = conv
+            lab[2, b, p, : len(cid)] = value
+            bid[b, p, : len(cid)] = [a.bid for a in ads]
+            imp = rng.choice(cid, size=min(n_targets, len(cid)), replace=False) if cid else []
+            clicked = [c for c, k in zip(cid, click) if k > 0][:n_targets]
+            conv_ads = [(c, a.value) for c, a in zip(cid, ads) if a.conversion][:n_targets]
+            tgt[b, p, 0, : len(imp)] = imp
+            tgt[b, p, 1, : len(clicked)] = clicked
+            tgt[b, p, 2, : len(conv_ads)] = [c for c, _ in conv_ads]
+            tval[b, p, : len(conv_ads)] = [v for _, v in conv_ads]
     t = torch.from_numpy
     out = {"user": t(user), "items": t(items), "actions": t(actions), "times": t(times), "pos": t(pos),
-           "pos_valid": torch.ones(B, 1, dtype=torch.bool), "device": t(device), "cand": t(cand),
+           "pos_valid": t(pvalid), "device": t(device), "cand": t(cand),
            "click": t(lab[0]), "conv": t(lab[1]), "value": t(lab[2]), "targets": t(tgt),
-           "target_values": t(tval), "bid": t(bid)}
+           "target_values": t(tval), "bid": t(bid), "order": t(order)}
     if pin:
         out = {k: v.pin_memory() for k, v in out.items()}
     return out
@@ -398,7 +455,7 @@ class OnlineLearner:
     def __init__(self, cfg: OneRankerConfig, device: str | torch.device = "cpu", seed: int = 0,
                  min_capacity: int = 1024, max_users: int | None = None, centroid_every: int = 100,
                  recent_ids: int = 200_000, recent_samples: int = 256, lr_warmup: int = 100,
-                 lr_floor: float = 0.25):
+                 lr_floor: float = 0.25, group: bool = True):
         self.dev = resolve_device(device) if isinstance(device, str) else device
         torch.manual_seed(seed)
         self.seed = seed
@@ -413,6 +470,7 @@ class OnlineLearner:
         self.clicks = torch.zeros(cap_i)  # per item, for the negatives' sampling distribution
         self.centroid_every = centroid_every
         self.lr_warmup, self.lr_floor = lr_warmup, lr_floor
+        self.group = group
         self.step_no = 0
         self.samples_learned = 0
         self.trained_through_ts = 0
@@ -506,11 +564,12 @@ class OnlineLearner:
     def collate(self, samples: Sequence[Sample]) -> dict:
         t0 = time.perf_counter()
         batch = collate_samples(samples, self.vocab, self.cfg.max_len, self.cfg.n_targets, self.rng,
-                                pin=self.dev.type == "cuda")
+                                pin=self.dev.type == "cuda", group=self.group)
         self._ensure_capacity()
         bid = batch.pop("bid")
+        batch.pop("order")
         with torch.no_grad():
-            cand = batch["cand"][:, 0]
+            cand = batch["cand"]
             ok = cand > 1
             lb = self.model.item_log_bid
             lb[cand[ok].to(lb.device)] = torch.log(bid[ok].clamp(min=1e-6)).to(lb)
@@ -523,27 +582,30 @@ class OnlineLearner:
 
     @torch.no_grad()
     def _preds(self, out: dict, batch: dict, model=None, n_items: int | None = None) -> BatchPreds:
+        """Per-query predictions (valid queries only) from the forward outputs [B, P, ...]."""
         model = model or self.model
-        valid = batch["cand"][:, 0] > 0
-        click = batch["click"][:, 0]
+        q = batch["pos_valid"]  # [B, P]
+        cand = batch["cand"]  # [B, P, C]
+        click = batch["click"]
         n = n_items or len(self.vocab.items)
         with self.amp:  # on CUDA the outputs are bf16: score the corpus under the same autocast
-            corpus = model.corpus_scores(out["task"], out["s_target"])[:, 0].float().mean(1)  # [B, N]
-        N = corpus.shape[1]
-        bad = torch.arange(N, device=corpus.device)
-        bad = (bad < 2) | (bad >= min(n, N))
-        corpus = corpus.masked_fill(bad, -1e9)
-        corpus.scatter_(1, batch["items"].clamp(max=N - 1), -1e9)  # seen (history) items excluded
-        top = corpus.topk(min(10, N), 1).indices  # [B, 10]
-        cand = batch["cand"][:, 0]
+            corpus = model.corpus_scores(out["task"], out["s_target"]).float().mean(2)  # [B, P, N]
+        N = corpus.shape[-1]
+        ar = torch.arange(N, device=corpus.device)
+        corpus = corpus.masked_fill((ar < 2) | (ar >= min(n, N)), -1e9)
+        L = batch["items"].shape[1]
+        visible = torch.arange(1, L + 1, device=corpus.device).view(1, 1, L) <= batch["pos"].unsqueeze(-1)
+        seen = (batch["items"].unsqueeze(1) * visible).clamp(max=N - 1)  # [B, P, L] (0 = not seen)
+        corpus.scatter_(2, seen, -1e9)  # history items the query sees are excluded
+        top = corpus.topk(min(10, N), -1).indices  # [B, P, 10]
         clicked = cand * (click > 0)
-        has = (clicked > 0).any(1)
-        hit = (top.unsqueeze(2) == clicked.unsqueeze(1)).logical_and(clicked.unsqueeze(1) > 0).any(2).any(1)
+        has = (clicked > 0).any(-1)
+        hit = ((top.unsqueeze(-1) == clicked.unsqueeze(-2)) & (clicked.unsqueeze(-2) > 0)).any(-1).any(-1)
         hit10 = torch.where(has, hit.float(), torch.full_like(hit, float("nan"), dtype=torch.float32))
-        score = out["score"][:, 0] if "score" in out else out["gen_cand"][:, 0].mean(1)
-        ctr = out["ctr"][:, 0] if "ctr" in out else score
-        f = lambda x: x.float().cpu().numpy()  # noqa: E731
-        return BatchPreds(f(ctr), f(score), f(click), f(batch["value"][:, 0]), valid.cpu().numpy(), f(hit10))
+        score = out["score"] if "score" in out else out["gen_cand"].mean(2)
+        ctr = out["ctr"] if "ctr" in out else score
+        f = lambda x: x[q].float().cpu().numpy()  # noqa: E731
+        return BatchPreds(f(ctr), f(score), f(click), f(batch["value"]), f(cand > 0).astype(bool), f(hit10))
 
     def step(self, samples: Sequence[Sample], learn: bool = True) -> tuple[BatchPreds, dict]:
         """Test-then-train on ``samples`` (already deduped). Returns (predictions before the update,
@@ -585,8 +647,9 @@ class OnlineLearner:
     @torch.no_grad()
     def score_frozen(self, frozen: "OneRanker", n_items: int, n_users: int, samples: Sequence[Sample]) -> BatchPreds:
         """Predictions of a frozen copy with a fixed vocabulary (ids it never saw → OOV)."""
-        batch = collate_samples(samples, self.vocab, self.cfg.max_len, self.cfg.n_targets, self.rng)
+        batch = collate_samples(samples, self.vocab, self.cfg.max_len, self.cfg.n_targets, self.rng, group=self.group)
         batch.pop("bid")
+        batch.pop("order")
         for k, lim in (("items", n_items), ("cand", n_items), ("user", n_users)):
             batch[k] = torch.where(batch[k] >= lim, torch.full_like(batch[k], OOV), batch[k])
         batch = to_device(batch, self.dev)

@@ -68,7 +68,7 @@ def test_collate_layout():
 
     ss = make_samples(6)
     v = Vocab()
-    b = collate_samples(ss, v, max_len=4, n_targets=2, rng=np.random.default_rng(0))
+    b = collate_samples(ss, v, max_len=4, n_targets=2, rng=np.random.default_rng(0), group=False)
     assert b["items"].shape == (6, 4) and b["cand"].shape == (6, 1, 5)
     assert b["pos"][0, 0] == 0  # first sample: no history → query at the user token
     last = ss[-1]
@@ -77,6 +77,28 @@ def test_collate_layout():
     clicked = [v.items.get(a.ad_id) for a in ss[0].ads if a.click]
     assert b["targets"][0, 0, 1, 0] == clicked[0]
     assert b["click"].sum() == 6
+
+
+def test_grouped_rows_put_each_query_after_its_own_history():
+    from trainer.online import Vocab
+
+    ss = make_samples(64, n_users=3)
+    v = Vocab()
+    L = 8
+    b = collate_samples(ss, v, max_len=L, n_targets=2, rng=np.random.default_rng(0), group=True)
+    assert b["items"].shape[0] < 64 and int(b["pos_valid"].sum()) == 64
+    assert sorted(b["order"][b["pos_valid"]].tolist()) == list(range(64))
+    for r in range(b["items"].shape[0]):
+        for p in range(b["pos"].shape[1]):
+            if not b["pos_valid"][r, p]:
+                continue
+            s = ss[int(b["order"][r, p])]
+            hist = s.history["item_ids"]
+            pos = int(b["pos"][r, p])
+            seen = [x for x in b["items"][r, :pos].tolist() if x > 0]  # tokens at 1..pos
+            assert seen == [v.items.get(x) for x in hist[len(hist) - len(seen):]] if seen else True
+            assert len(seen) == min(len(hist), L) or len(seen) >= L // 2
+            assert b["cand"][r, p].tolist() == [v.items.get(a.ad_id) for a in s.ads]
 
 
 def test_grow_keeps_rows_and_optimizer_state():
