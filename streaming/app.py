@@ -252,6 +252,7 @@ class StreamWorker:
         self.stats: Counter[str] = Counter()
         self.first_event_at: float | None = None
         self.last_event_at: float | None = None
+        self.last_batch_done_at: float | None = None
         self.offsets: dict[tuple[str, int], int] = {}
 
     # -- state ---------------------------------------------------------------------------------
@@ -365,6 +366,7 @@ class StreamWorker:
             await producer.flush()
             for fut in sends:
                 await fut  # delivery confirmed (raises on failure → the worker restarts)
+            self.last_batch_done_at = time.time()
             self.metrics.batch_seconds.observe(time.perf_counter() - t)
 
     async def _dead_letter(self, producer, msg, etype: str, rej: contract.Rejection):
@@ -450,7 +452,7 @@ class StreamWorker:
         for pt in self.parts.values():
             outcomes.update(pt.joiner.stats)
         doc = {"pid": os.getpid(), "stats": dict(self.stats), "outcomes": dict(outcomes), "first_event_at": self.first_event_at,
-               "last_event_at": self.last_event_at,
+               "last_event_at": self.last_event_at, "last_batch_done_at": self.last_batch_done_at,
                "feast_rows": self.pusher.pushed_rows if self.pusher else 0,
                "feast_pending": len(self.pusher.pending) if self.pusher else 0,
                "watermarks": {p: pt.joiner.watermark for p, pt in self.parts.items()}}
