@@ -997,6 +997,8 @@ class StreamTrainer:
                     samples, consumed = self._take_batch(lr, n)
                     first_wait = now if self.buffer else None
                     if samples:
+                        if learned_here == 0:  # rate from the first batch (not the group join)
+                            t_start = time.monotonic()
                         preds, parts = lr.step(samples)
                         pq.add(preds)
                         learned_here += len(samples)
