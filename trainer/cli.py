@@ -36,6 +36,7 @@ def train_cmd(
     max_samples: Optional[int] = typer.Option(None, help="Exit after learning this many samples."),
     exit_when_idle_s: Optional[float] = typer.Option(None, help="Exit after this many seconds without records."),
     threads: int = typer.Option(1, help="torch CPU threads."),
+    centroid_every_steps: int = typer.Option(100, help="Refresh the fake-item centroids every N steps."),
     min_capacity: int = typer.Option(1024, help="Initial rows of the item/user tables (they grow ×2)."),
     max_users: Optional[int] = typer.Option(None, help="Admission limit for users (beyond: the OOV row)."),
     seed: int = typer.Option(0, help="Seed of a fresh start."),
@@ -54,7 +55,7 @@ def train_cmd(
         checkpoint_every_s=checkpoint_every_s, keep=keep, metrics_port=metrics_port,
         metrics_jsonl=metrics_jsonl or home / "trainer_metrics.jsonl", metrics_every_s=metrics_every_s,
         learned_log=learned_log, max_samples=max_samples, exit_when_idle_s=exit_when_idle_s, threads=threads,
-        min_capacity=min_capacity, max_users=max_users, seed=seed)
+        min_capacity=min_capacity, max_users=max_users, seed=seed, centroid_every=centroid_every_steps)
     opts.metrics_jsonl.parent.mkdir(parents=True, exist_ok=True)
     res = run_trainer(opts)
     console.print_json(json.dumps(res, default=float))
