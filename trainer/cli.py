@@ -19,6 +19,7 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda (CUDA: bf16 autocast, pinned memory)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoints (default $ONERANKER_HOME/checkpoints)."),
     batch_size: int = typer.Option(64, help="Micro-batch size (samples)."),
+    max_batch_size: int = typer.Option(256, help="With a backlog, micro-batches grow up to this."),
     max_wait_ms: int = typer.Option(500, help="Train a partial batch after waiting this long."),
     preset: str = typer.Option("small", help="Model preset for a fresh start: small | paper | tiny."),
     checkpoint_every_steps: int = typer.Option(200, help="Checkpoint every N optimizer steps (0 = off)."),
@@ -51,7 +52,8 @@ def train_cmd(
     opts = TrainerOptions(
         bootstrap=_bootstrap(bootstrap_servers, 30.0), topic=samples_topic, group_id=group_id,
         checkpoint_dir=checkpoint_dir or home / "checkpoints", preset=preset, device=device,
-        batch_size=batch_size, max_wait_ms=max_wait_ms, checkpoint_every_steps=checkpoint_every_steps,
+        batch_size=batch_size, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        checkpoint_every_steps=checkpoint_every_steps,
         checkpoint_every_s=checkpoint_every_s, keep=keep, metrics_port=metrics_port,
         metrics_jsonl=metrics_jsonl or home / "trainer_metrics.jsonl", metrics_every_s=metrics_every_s,
         learned_log=learned_log, max_samples=max_samples, exit_when_idle_s=exit_when_idle_s, threads=threads,

@@ -793,6 +793,7 @@ class TrainerOptions:
     preset: str = "small"
     device: str = "auto"
     batch_size: int = 64
+    max_batch_size: int | None = 256  # with a backlog, batches grow up to this
     max_wait_ms: int = 500
     checkpoint_every_steps: int = 200
     checkpoint_every_s: float = 60.0
@@ -975,8 +976,9 @@ class StreamTrainer:
                  self.o.group_id, lr.dev, self.prom.port)
         try:
             while not self.stop:
-                want = self.o.batch_size - len(self.buffer)
-                recs = consumer.poll(timeout_ms=50 if self.buffer else 200, max_records=max(want, 1) * 2)
+                max_batch = max(self.o.batch_size, self.o.max_batch_size or self.o.batch_size)
+                want = max_batch - len(self.buffer)
+                recs = consumer.poll(timeout_ms=50 if self.buffer else 200, max_records=max(want, 1))
                 now = time.monotonic()
                 for tp, rs in recs.items():
                     for r in rs:
@@ -991,7 +993,8 @@ class StreamTrainer:
                     left = self.o.max_samples - learned_here
                     full = full or (0 < left <= len(self.buffer))
                 if self.buffer and (full or waited):
-                    n = self.o.batch_size
+                    # behind the stream (a backlog): bigger batches, more samples/s on CPU
+                    n = min(max(self.o.batch_size, len(self.buffer)), max_batch)
                     if self.o.max_samples is not None:
                         n = min(n, self.o.max_samples - learned_here)
                     samples, consumed = self._take_batch(lr, n)

@@ -23,7 +23,7 @@ N_SAMPLES = 480
 def _start(bootstrap: str, topic: str, group: str, tmp: Path, n: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "oneranker.cli", "train", "--bootstrap-servers", bootstrap,
            "--samples-topic", topic, "--group-id", group, "--checkpoint-dir", str(tmp / "ckpt"),
-           "--learned-log", str(tmp / "learned.tsv"), "--preset", "small", "--batch-size", "16",
+           "--learned-log", str(tmp / "learned.tsv"), "--preset", "small", "--batch-size", "16", "--max-batch-size", "32",
            "--max-wait-ms", "200", "--checkpoint-every-steps", "2", "--checkpoint-every-s", "1",
            "--metrics-port", "-1", "--metrics-every-s", "2", "--exit-when-idle-s", "6", "--threads", "1",
            "--min-capacity", "64"]
