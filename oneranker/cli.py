@@ -62,6 +62,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop stall warnings are noise
+    for noisy in ("httpx", "feast", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -185,27 +187,20 @@ def up(
     dataset: str = typer.Option("movielens-100k", help="Dataset to replay (see `produce`)."),
     speed: float = typer.Option(100000.0, help="Event-time compression of the replay."),
     limit: Optional[int] = typer.Option(None, help="Only the first N interactions."),
-    port: int = typer.Option(config.DEFAULT_BROKER_PORT, help="Embedded broker port."),
+    replicas: int = typer.Option(2, help="Serving replicas."),
+    impressions: int = typer.Option(10, help="Ads shown per request."),
+    preset: str = typer.Option("small", help="Model preset of the trainer."),
+    port: Optional[int] = typer.Option(None, help="Embedded broker port (default 9092, or any free one)."),
+    home: Optional[Path] = typer.Option(None, help="State dir of this run (default $ONERANKER_HOME/up; wiped)."),
+    timeout: float = typer.Option(540.0, help="Give up after this many seconds."),
 ) -> None:
-    """Run the system end to end on embedded defaults: broker up → replay → consume and summarise."""
-    from streaming.broker import EmbeddedBroker
-    from streaming.replay.adlayer import load_requests, request_events
-    from streaming.replay.producer import consume_all, publish
+    """The whole system as local processes on embedded defaults: broker, Feast, stream worker, trainer,
+    exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
+    from deploy.stack import UpOptions, run_up
 
-    with EmbeddedBroker(port=port) as b:
-        console.print(f"[bold]1/3[/bold] embedded broker at {b.bootstrap}")
-        with console.status(f"building the {dataset} ad layer"):
-            requests, _ = load_requests(dataset, limit=limit)
-            events = request_events(requests, int(time.time() * 1000), speed)
-        console.print(f"[bold]2/3[/bold] replaying {len(events):,} events of {len(requests):,} requests")
-        produced = publish(events, b.bootstrap, pace=True)
-        _print_summary(f"produced ({dataset})", produced.as_dict())
-        console.print("[bold]3/3[/bold] consuming the event topics")
-        consumed, _ = consume_all(b.bootstrap, expect=produced.events, idle_s=10)
-        _print_summary("consumed", consumed.as_dict())
-        if consumed.events != produced.events:
-            console.print(f"[red]consumed {consumed.events} of {produced.events} events[/red]")
-            raise typer.Exit(1)
+    code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit, replicas=replicas,
+                            impressions=impressions, preset=preset, port=port, home=home, timeout_s=timeout))
+    raise typer.Exit(code)
 
 
 bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.", no_args_is_help=True)

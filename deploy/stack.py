@@ -1,0 +1,335 @@
+"""``oneranker up``: the whole system as local processes on embedded defaults.
+
+broker (Tansu) → init (topics, ad catalog, feast apply) → supervised services (stream worker,
+trainer, exporter --watch, N serving replicas) → dataset replay, with live progress → once the
+replicas serve a snapshot trained on the replay: top-10 ads per replica and the measured freshness.
+
+Freshness of an event = from the moment it was produced to the first moment a replica serves a
+snapshot whose trained-through offsets cover that event's sample (its offset on oneranker.samples).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from kafka import KafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from deploy.supervisor import ServiceSpec, Supervisor
+from oneranker import config
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+@dataclass
+class UpOptions:
+    dataset: str = "movielens-100k"
+    speed: float = 100000.0
+    limit: int | None = None
+    replicas: int = 2
+    impressions: int = 10
+    seed: int = 0
+    preset: str = "small"
+    port: int | None = None  # broker port; default 9092 when free, else any free port
+    home: Path | None = None
+    timeout_s: float = 540.0  # the whole run, replay included
+    sample_every: int = 50  # every N-th request is followed for freshness
+    show_users: int = 3
+    checkpoint_every_s: float = 5.0
+
+
+@dataclass
+class Freshness:
+    """Follows sampled requests from production to being served."""
+
+    produced: dict[str, float] = field(default_factory=dict)  # request_id → wall time produced
+    sample_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # request_id → (partition, offset)
+    served: dict[str, float] = field(default_factory=dict)  # request_id → wall time first served
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_version(self, now: float, offsets: dict[int, int]) -> None:
+        """A replica now serves a snapshot trained through ``offsets`` (partition → next offset)."""
+        with self.lock:
+            for rid, (part, off) in self.sample_at.items():
+                if rid not in self.served and off < offsets.get(part, 0):
+                    self.served[rid] = now
+
+    def seconds(self) -> list[float]:
+        with self.lock:
+            return sorted(self.served[r] - self.produced[r] for r in self.served if r in self.produced)
+
+    def summary(self) -> dict:
+        s = self.seconds()
+        q = (lambda p: round(s[min(len(s) - 1, int(p * len(s)))], 2)) if s else (lambda p: None)
+        return {"followed": len(self.produced), "served": len(s), "p50_s": q(0.5), "p95_s": q(0.95),
+                "mean_s": round(statistics.fmean(s), 2) if s else None}
+
+
+def _free_port() -> int:
+    from streaming.broker import free_port
+
+    return free_port()
+
+
+def _oneranker(*args: str) -> list[str]:
+    return [sys.executable, "-m", "oneranker.cli", *args]
+
+
+def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str, int]) -> list[ServiceSpec]:
+    ckpt = str(home / "checkpoints")
+    specs = [
+        ServiceSpec("stream", _oneranker("stream", "--speed", str(opts.speed),
+                                         "--metrics-port", str(ports["stream"]))),
+        ServiceSpec("trainer", _oneranker("train", "--device", "auto", "--preset", opts.preset,
+                                          "--checkpoint-dir", ckpt,
+                                          "--checkpoint-every-s", str(opts.checkpoint_every_s),
+                                          "--metrics-port", str(ports["trainer"]))),
+        ServiceSpec("exporter", _oneranker("export", "--watch", "--checkpoint-dir", ckpt,
+                                           "--store", store_url)),
+    ]
+    for i in range(1, opts.replicas + 1):
+        specs.append(ServiceSpec(f"serve-{i}", _oneranker(
+            "serve", "--replica-id", f"serve-{i}", "--store", store_url, "--port", str(ports[f"serve-{i}"]))))
+    return specs
+
+
+def replica_version(client: httpx.Client, port: int) -> str | None:
+    try:
+        r = client.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
+        v = r.json().get("model_version") if r.status_code == 200 else None
+        return None if v is None else str(v)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def snapshot_offsets(store_url: str, version: str) -> dict[int, int]:
+    """Partition → next offset on the samples topic that the snapshot was trained through."""
+    from exporter.store import SnapshotStore
+
+    manifest = SnapshotStore(store_url).manifest(int(version))
+    out = {}
+    for key, off in ((manifest.get("trained_through") or {}).get("offsets") or {}).items():
+        topic, _, part = key.rpartition(":")
+        if topic == config.TOPIC_SAMPLES:
+            out[int(part)] = int(off)
+    return out
+
+
+def _follow_samples(bootstrap: str, fresh: Freshness, counts: dict, stop: threading.Event) -> None:
+    """Map followed requests to their sample's (partition, offset); count distinct samples."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", client_id="oneranker-up-samples")
+    parts = [TopicPartition(config.TOPIC_SAMPLES, p)
+             for p in sorted(consumer.partitions_for_topic(config.TOPIC_SAMPLES) or [])]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    seen: set[str] = set()
+    while not stop.is_set():
+        for tp, records in consumer.poll(timeout_ms=300).items():
+            for rec in records:
+                try:
+                    doc = json.loads(rec.value)
+                except ValueError:
+                    continue
+                seen.add(doc.get("sample_id"))
+                rid = doc.get("request_id")
+                with fresh.lock:
+                    if rid in fresh.produced and rid not in fresh.sample_at:
+                        fresh.sample_at[rid] = (tp.partition, rec.offset)
+        counts["samples"] = len(seen)
+    consumer.close()
+
+
+def _scrape(client: httpx.Client, port: int, names: tuple[str, ...], label: str = "") -> dict[str, float]:
+    """A few series from a Prometheus endpoint (summed over labels; only lines with ``label``)."""
+    out: dict[str, float] = {}
+    try:
+        text = client.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("#") or (label and label not in line):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+            # Filtered by a label: the first matching series; otherwise the sum over all series.
+            out[name] = value if label and name not in out else out.get(name, 0.0) + (0 if label else value)
+    return out
+
+
+def run_up(opts: UpOptions) -> int:
+    from oneranker.kafka import ensure_topics
+    from streaming.broker import EmbeddedBroker, port_in_use
+    from streaming.replay.adlayer import load_requests, request_events
+    from streaming.replay.producer import publish
+
+    home = (opts.home or config.settings().home / "up").resolve()
+    if home.exists():
+        shutil.rmtree(home)  # the embedded broker is memory-only: old state would not match it
+    home.mkdir(parents=True)
+    store_url = (home / "snapshots").as_uri()
+    os.environ.update({"ONERANKER_HOME": str(home), "ONERANKER_SNAPSHOT_STORE": store_url})
+    port = opts.port or (config.DEFAULT_BROKER_PORT if not port_in_use("127.0.0.1", config.DEFAULT_BROKER_PORT)
+                         else _free_port())
+    deadline = time.monotonic() + opts.timeout_s
+    sup = Supervisor(home / "logs", state_file=home / "services.json")
+    stop = threading.Event()
+    broker = EmbeddedBroker(port=port, log_path=home / "logs" / "broker.log")
+    try:
+        broker.start()
+        os.environ["ONERANKER_KAFKA"] = broker.bootstrap
+        console.print(f"[bold]broker[/bold] {broker.bootstrap}   [bold]home[/bold] {home}")
+        with console.status(f"init: topics, {opts.dataset} ad layer, feast apply"):
+            ensure_topics(broker.bootstrap)
+            requests, catalog = load_requests(opts.dataset, seed=opts.seed, n_impressions=opts.impressions,
+                                              limit=opts.limit)
+            import pyarrow.parquet as pq
+
+            from features.store import ad_catalog_path, apply
+
+            pq.write_table(catalog.to_arrow(), ad_catalog_path())
+            apply(catalog=ad_catalog_path())
+            events = request_events(requests, int(time.time() * 1000), opts.speed)
+        ports = {"stream": _free_port(), "trainer": _free_port(),
+                 **{f"serve-{i}": _free_port() for i in range(1, opts.replicas + 1)}}
+        for spec in _service_specs(opts, home, store_url, ports):
+            sup.start(spec)
+        console.print(f"services: {', '.join(sup.services)} (logs in {home / 'logs'})")
+
+        fresh, counts = Freshness(), {"samples": 0, "produced": 0}
+        followed = {r.request_id for i, r in enumerate(requests) if i % opts.sample_every == 0}
+
+        def on_sent(i: int, event_type: str, data: dict) -> None:
+            counts["produced"] = i + 1
+            rid = data["request_id"]
+            if rid in followed and rid not in fresh.produced:
+                with fresh.lock:
+                    fresh.produced[rid] = time.time()
+
+        replay_done = threading.Event()
+
+        def replay() -> None:
+            try:
+                publish(events, broker.bootstrap, pace=True, show_progress=False, on_sent=on_sent, stop=stop)
+            finally:
+                replay_done.set()
+
+        threads = [threading.Thread(target=replay, name="replay", daemon=True),
+                   threading.Thread(target=_follow_samples, args=(broker.bootstrap, fresh, counts, stop),
+                                    name="samples", daemon=True)]
+        for t in threads:
+            t.start()
+        return _watch(opts, sup, fresh, counts, ports, store_url, requests, len(events), replay_done, deadline)
+    finally:
+        stop.set()
+        sup.stop_all()
+        broker.stop()
+
+
+def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, replay_done, deadline) -> int:
+    client = httpx.Client()
+    versions: dict[str, str | None] = {name: None for name in ports if name.startswith("serve")}
+    first_version: str | None = None
+    offsets_cache: dict[str, dict[int, int]] = {}
+    notes: list[str] = []
+    done_since = None
+
+    def table() -> Table:
+        t = Table(title=f"oneranker up — {opts.dataset} at speed {opts.speed:g}", expand=False)
+        t.add_column("what")
+        t.add_column("now", justify="right")
+        t.add_row("events produced", f"{counts['produced']:,} / {n_events:,}")
+        t.add_row("samples emitted", f"{counts['samples']:,} / {len(requests):,}")
+        tm = _scrape(client, ports["trainer"], ("oneranker_trainer_steps_total",
+                                                "oneranker_trainer_samples_total"))
+        auc = _scrape(client, ports["trainer"], ("oneranker_trainer_prequential",), label='metric="auc"')
+        t.add_row("trainer steps / samples", f"{tm.get('oneranker_trainer_steps_total', 0):,.0f} / "
+                                             f"{tm.get('oneranker_trainer_samples_total', 0):,.0f}")
+        if auc:
+            t.add_row("prequential AUC (window)", f"{auc['oneranker_trainer_prequential']:.4f}")
+        for name, v in versions.items():
+            t.add_row(f"{name} serves", str(v or "-"))
+        f = fresh.summary()
+        t.add_row("freshness p50 / p95 (s)", f"{f['p50_s']} / {f['p95_s']}  ({f['served']}/{f['followed']})")
+        for n in notes[-3:]:
+            t.add_row("[yellow]supervisor[/yellow]", n)
+        return t
+
+    with Live(table(), console=console, refresh_per_second=2, transient=False) as live:
+        while time.monotonic() < deadline:
+            notes.extend(sup.check())
+            now = time.time()
+            for name in versions:
+                v = replica_version(client, ports[name])
+                if v and v != versions[name]:
+                    versions[name] = v
+                    first_version = first_version or v
+                    if v not in offsets_cache:
+                        try:
+                            offsets_cache[v] = snapshot_offsets(store_url, v)
+                        except Exception as exc:  # noqa: BLE001 - a snapshot being written
+                            log.debug("manifest of %s not readable yet: %s", v, exc)
+                            versions[name] = None
+                            continue
+                    fresh.on_version(now, offsets_cache[v])
+            live.update(table())
+            all_newer = all(v and v != first_version for v in versions.values())
+            caught_up = replay_done.is_set() and counts["samples"] >= len(requests)
+            followed_served = len(fresh.served) >= len(fresh.sample_at) > 0
+            if replay_done.is_set() and all_newer and (caught_up and followed_served):
+                break
+            if replay_done.is_set() and all_newer and done_since is None:
+                done_since = time.monotonic()
+            if done_since and time.monotonic() - done_since > 120:
+                break  # good enough: newer snapshots are served; stragglers would only add waiting
+            time.sleep(0.5)
+    ok = all(v and v != first_version for v in versions.values())
+    _show_results(client, ports, versions, requests, opts, fresh)
+    client.close()
+    if not ok:
+        console.print("[red]the replicas did not reach a snapshot newer than the first one in time[/red]")
+    return 0 if ok else 1
+
+
+def _show_results(client, ports, versions, requests, opts, fresh) -> None:
+    users = []
+    for r in reversed(requests):
+        if r.user_id not in users:
+            users.append(r.user_id)
+        if len(users) == opts.show_users:
+            break
+    for name in versions:
+        t = Table(title=f"{name}: top-10 ads (model {versions[name]})")
+        t.add_column("user")
+        t.add_column("top-10 ad ids")
+        for u in users:
+            try:
+                r = client.post(f"http://127.0.0.1:{ports[name]}/v1/rank", json={"user_id": u, "k": 10},
+                                timeout=10.0)
+                body = r.json()
+                ids = ([str(a["ad_id"]) for a in body["items"]] + (["(cold start)"] if body.get("cold_start") else [])
+                       if r.status_code == 200 else [f"HTTP {r.status_code}: {r.text[:80]}"])
+            except (httpx.HTTPError, ValueError) as exc:
+                ids = [f"error: {exc}"]
+            t.add_row(u, " ".join(ids))
+        console.print(t)
+    f = fresh.summary()
+    console.print(f"[bold]freshness[/bold] (production → served by a replica, {f['served']} of "
+                  f"{f['followed']} followed requests): p50 {f['p50_s']} s, p95 {f['p95_s']} s")
