@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from exporter.runtime import OnnxRanker
 from exporter.store import SnapshotError, SnapshotStore
