@@ -208,7 +208,7 @@ class UserState:
         closed_horizon = horizon - cfg.close_after_ms
         if self.closed and min(self.closed.values()) < closed_horizon:
             self.closed = {r: t for r, t in self.closed.items() if t >= closed_horizon}
-        for rid in [r for r, labels in self.orphans.items() if max(l[2] for l in labels) < horizon]:
+        for rid in [r for r, labels in self.orphans.items() if max(l[2] for l in labels) <= horizon]:
             gone[ORPHAN_DROPPED] += len(self.orphans.pop(rid))
         return samples, gone
 
@@ -236,6 +236,12 @@ class Joiner:
         self.dirty: set[str] = set()
         self.stats: Counter[str] = Counter()
         self._heap: list[tuple[int, str]] = []
+        self._scheduled: dict[str, int] = {}  # user → the earliest deadline in the heap
+
+    def _schedule(self, user_id: str, deadline: int | None) -> None:
+        if deadline is not None and deadline < self._scheduled.get(user_id, 2**63):
+            self._scheduled[user_id] = deadline
+            heapq.heappush(self._heap, (deadline, user_id))
 
     def state(self, user_id: str) -> UserState:
         st = self.users.get(user_id)
@@ -251,9 +257,7 @@ class Joiner:
         """Schedule the deadlines of stored states (after a restart or a rebalance)."""
         for d in states:
             st = UserState.from_dict(d, self.cfg.history_len)
-            deadline = st.next_deadline(self.cfg)
-            if deadline is not None:
-                heapq.heappush(self._heap, (deadline, st.user_id))
+            self._schedule(st.user_id, st.next_deadline(self.cfg))
 
     def process(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Apply one validated event at the current watermark (which it does not move)."""
@@ -266,9 +270,7 @@ class Joiner:
         if event_type == "impression" and outcome == APPLIED:
             for o in st.attach_orphans(data["request_id"], self.cfg):
                 self.stats[o] += 1
-        deadline = st.next_deadline(self.cfg)
-        if deadline is not None:
-            heapq.heappush(self._heap, (deadline, st.user_id))
+        self._schedule(st.user_id, st.next_deadline(self.cfg))
         return outcome
 
     def advance(self, watermark: int) -> list[Sample]:
@@ -278,7 +280,10 @@ class Joiner:
         out: list[Sample] = []
         heap = self._heap
         while heap and heap[0][0] <= self.watermark:
-            _, uid = heapq.heappop(heap)
+            deadline, uid = heapq.heappop(heap)
+            if self._scheduled.get(uid) != deadline:
+                continue  # superseded by an earlier deadline that was handled already
+            del self._scheduled[uid]
             st = self.state(uid)
             samples, gone = st.close(self.watermark, self.cfg)
             if samples or gone:
@@ -288,7 +293,7 @@ class Joiner:
             out += samples
             nxt = st.next_deadline(self.cfg)
             if nxt is not None and nxt > self.watermark:
-                heapq.heappush(heap, (nxt, uid))
+                self._schedule(uid, nxt)
         return out
 
     def feed(self, event_type: str, data: Mapping[str, Any]) -> list[Sample]:
