@@ -211,6 +211,13 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
             r["eval_seconds"] = round(time.time() - t1, 1)
             r["params"] = sum(p.numel() for p in model.parameters())
             results["models"][name] = r
+            progress.console.print(f"{name}: hr@10={r['hr@10']:.4f} ndcg@10={r['ndcg@10']:.4f} "
+                                   f"vndcg@10={r['vndcg@10']:.4f} gauc={r['gauc']:.4f} "
+                                   f"overlap@10={r.get('consistency', {}).get('overlap@10', float('nan')):.3f} "
+                                   f"train={r['train_seconds']}s")
+            if out:  # partial results survive an interrupted run
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                Path(out).write_text(json.dumps(results, indent=2))
     results["wall_seconds"] = round(time.time() - t_start, 1)
     table = Table(title=f"{dataset} — {preset} preset, {epochs} epochs, {dev}")
     cols = ["hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "vndcg@10", "revenue@3", "gauc", "logloss",
