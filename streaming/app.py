@@ -16,10 +16,13 @@ headers (all UTF-8): ``reason`` (a code from streaming/events.py: not_json, not_
 wrong_type, negative_money, ts_too_old, ts_in_future, oversize, unknown_schema_version, …),
 ``field``, ``detail``, ``event_type``, ``source_topic``, ``source_partition``, ``source_offset``.
 
-Crash safety (at-least-once; Tansu cannot do exactly-once): a batch's table writes, samples and
-dead letters are flushed to the broker BEFORE the batch's events are acknowledged, and Faust only
-commits acknowledged offsets. A crash re-delivers at most the uncommitted events; the restored state
-dedupes them by event id, so re-emission can only repeat a sample with the same ``sample_id``.
+Crash safety (at-least-once; Tansu cannot do exactly-once): a batch's events are acknowledged only
+after the batch is processed, and Faust flushes the producer (changelog, samples, dead letters) before
+it commits any offset, so a commit never covers an output that was not delivered. Samples are
+confirmed by the broker before the states that mark their requests closed go to the changelog, so a
+restored state never claims a sample that was lost. A crash re-delivers the uncommitted events; the
+restored state dedupes them by event id, so re-emission can only repeat a sample with the same
+``sample_id``.
 
 Tansu quirk handled here: its ListOffsets answer is too low when batches hold several records, which
 would end Faust's changelog recovery early; the consumer's ``highwaters`` is patched to read the
@@ -334,7 +337,6 @@ class StreamWorker:
                 self.first_event_at = self.last_event_at
             producer = self.app.producer
             touched: set[int] = set()
-            sends = []
             for ev in events:
                 msg = ev.message
                 etype = self.type_of_topic.get(msg.topic, "?")
@@ -342,7 +344,7 @@ class StreamWorker:
                 self.offsets[(msg.topic, msg.partition)] = msg.offset
                 result = contract.validate(raw, etype)
                 if isinstance(result, contract.Rejection):
-                    sends.append(await self._dead_letter(producer, msg, etype, result))
+                    await self._dead_letter(producer, msg, etype, result)
                     continue
                 data = result.data
                 part = self.partition(msg.partition)
@@ -352,8 +354,8 @@ class StreamWorker:
                     outcome = part.joiner.process(etype, data)
                 except Exception as exc:  # never crash on input: park it with the reason
                     log.exception("event at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
-                    sends.append(await self._dead_letter(producer, msg, etype, contract.Rejection(
-                        "processing_error", f"{type(exc).__name__}: {exc}")))
+                    await self._dead_letter(producer, msg, etype, contract.Rejection(
+                        "processing_error", f"{type(exc).__name__}: {exc}"))
                     continue
                 self.stats[etype] += 1
                 self.metrics.events.labels(etype).inc()
@@ -362,10 +364,8 @@ class StreamWorker:
                     self.metrics.late.labels(outcome[5:]).inc()
                 touched.add(msg.partition)
             for p in touched:
-                sends += await self._advance(p, now)
-            await producer.flush()
-            for fut in sends:
-                await fut  # delivery confirmed (raises on failure → the worker restarts)
+                await self._advance(p, now)
+            # Dead letters need no wait: Faust flushes the producer before it commits any offset.
             self.last_batch_done_at = time.time()
             self.metrics.batch_seconds.observe(time.perf_counter() - t)
 
@@ -379,23 +379,27 @@ class StreamWorker:
                    ("source_offset", str(msg.offset).encode())]
         return await producer.send(self.dlq_topic, msg.key, msg.value, None, None, headers)
 
-    async def _advance(self, p: int, now: float) -> list:
-        """Advance partition p's watermark, emit due samples and persist changed states."""
+    async def _advance(self, p: int, now: float) -> None:
+        """Advance partition p's watermark, emit due samples and persist changed states.
+
+        Order matters for crash safety: the samples are confirmed by the broker BEFORE the states
+        that record their requests as closed are written to the changelog. (Otherwise a crash
+        between the two could restore "closed" without the sample ever having been delivered.)
+        """
         part = self.parts[p]
         joiner = part.joiner
         samples = joiner.advance(part.clock.current(now, self._backlog(p)))
-        sends = []
-        producer = self.app.producer
-        for s in samples:
-            sends.append(await producer.send(self.samples_topic, s.user_id.encode(), s.to_json(),
-                                             None, None, None))
-        self.stats["samples"] += len(samples)
-        self.metrics.samples.inc(len(samples))
+        if samples:
+            producer = self.app.producer
+            sends = [await producer.send(self.samples_topic, s.user_id.encode(), s.to_json(),
+                                         None, None, None) for s in samples]
+            await asyncio.gather(*sends)  # raises on a failed delivery → the worker restarts
+            self.stats["samples"] += len(samples)
+            self.metrics.samples.inc(len(samples))
         dirty = joiner.take_dirty()
         if dirty or samples:
             self._persist(part, dirty)
         self.metrics.watermark.labels(str(p)).set(joiner.watermark if joiner.watermark > MIN_TS else 0)
-        return sends
 
     def _persist(self, part: _Partition, dirty: dict) -> None:
         from faust.streams import _current_event
@@ -422,15 +426,10 @@ class StreamWorker:
         """Idle flush: advance watermarks by the wall clock when the topics go quiet."""
         async with self.lock:
             now = time.monotonic()
-            sends = []
             for p, part in list(self.parts.items()):
                 if (part.last_event is not None
                         and part.clock.current(now, self._backlog(p)) > part.joiner.watermark):
-                    sends += await self._advance(p, now)
-            if sends:
-                await self.app.producer.flush()
-                for fut in sends:
-                    await fut
+                    await self._advance(p, now)
             self.metrics.pending.set(sum(pt.joiner.pending_requests() for pt in self.parts.values()))
         self._update_lag()
         self._write_stats()
