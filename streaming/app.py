@@ -337,6 +337,7 @@ class StreamWorker:
                 self.first_event_at = self.last_event_at
             producer = self.app.producer
             touched: set[int] = set()
+            outcomes: Counter[tuple[str, str]] = Counter()
             for ev in events:
                 msg = ev.message
                 etype = self.type_of_topic.get(msg.topic, "?")
@@ -358,11 +359,13 @@ class StreamWorker:
                         "processing_error", f"{type(exc).__name__}: {exc}"))
                     continue
                 self.stats[etype] += 1
-                self.metrics.events.labels(etype).inc()
-                self.metrics.outcomes.labels(outcome).inc()
-                if outcome.startswith("late_"):
-                    self.metrics.late.labels(outcome[5:]).inc()
+                outcomes[etype, outcome] += 1
                 touched.add(msg.partition)
+            for (etype, outcome), n in outcomes.items():  # one metrics update per batch
+                self.metrics.events.labels(etype).inc(n)
+                self.metrics.outcomes.labels(outcome).inc(n)
+                if outcome.startswith("late_"):
+                    self.metrics.late.labels(outcome[5:]).inc(n)
             for p in touched:
                 await self._advance(p, now)
             # Dead letters need no wait: Faust flushes the producer before it commits any offset.

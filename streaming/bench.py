@@ -6,7 +6,9 @@ One fixed synthetic stream (seed 7) is published once to its own suffixed topics
 decoding) and (2) starts a fresh worker (new app id: empty state, offsets from the beginning) as a
 child process and times it from its first batch to the end of the batch that completes the stream
 (validation, join, table changelog, samples, Feast pushes in its thread — everything it does in
-production). Both numbers are medians over the runs.
+production), and (3) runs a no-op Faust agent on the same topics with the same settings, to show
+how much of the gap is Faust's per-message stream machinery rather than the worker's own work. All
+numbers are medians over the runs.
 """
 
 from __future__ import annotations
@@ -88,6 +90,49 @@ def _worker_run(bootstrap: str, suffix: str, expect: int, speed: float, home: Pa
             "feast_rows": st.get("feast_rows", 0)}
 
 
+def noop_faust_main(bootstrap: str, suffix: str, expect: int, out: str) -> None:
+    """A Faust agent that only counts (same topics, same settings, same take_events batching):
+    the ceiling any Faust worker can reach here. Writes its events/s to ``out`` and exits."""
+    import faust
+
+    app = faust.App(f"bench-noop-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
+                    store="memory://", datadir=tempfile.mkdtemp(prefix="oneranker-noop-"),
+                    broker_session_timeout=config.SESSION_TIMEOUT_MS / 1000,
+                    broker_heartbeat_interval=config.HEARTBEAT_INTERVAL_MS / 1000,
+                    consumer_auto_offset_reset="earliest", web_enabled=False,
+                    broker_max_poll_records=5000, stream_buffer_maxsize=65536, stream_wait_empty=False)
+    source = app.topic(*[t + suffix for t in config.EVENT_TOPICS.values()], key_type=bytes,
+                       value_type=bytes, key_serializer="raw", value_serializer="raw")
+    state = {"n": 0, "t0": None}
+
+    @app.agent(source)
+    async def count(stream):
+        async for events in stream.take_events(2000, 0.2):
+            state["t0"] = state["t0"] or time.perf_counter()
+            state["n"] += len(events)
+            if state["n"] >= expect:
+                Path(out).write_text(str(state["n"] / (time.perf_counter() - state["t0"])))
+                os._exit(0)
+
+    import sys
+
+    sys.argv = ["noop", "worker", "-l", "warning"]
+    app.main()
+
+
+def _noop_run(bootstrap: str, suffix: str, expect: int) -> float:
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "rate"
+        code = (f"from streaming.bench import noop_faust_main; "
+                f"noop_faust_main({bootstrap!r}, {suffix!r}, {expect}, {str(out)!r})")
+        subprocess.run([sys.executable, "-c", code], timeout=300, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return float(out.read_text())
+
+
 def run_bench(bootstrap: str | None = None, quick: bool = False, runs: int | None = None,
               n_requests: int | None = None, feast: bool = True) -> dict:
     from streaming.broker import EmbeddedBroker, free_port
@@ -109,12 +154,14 @@ def run_bench(bootstrap: str | None = None, quick: bool = False, runs: int | Non
         t = time.perf_counter()
         publish(bootstrap, events, suffix, pace=False)
         publish_s = time.perf_counter() - t
-        raw, worker = [], []
+        raw, worker, noop = [], [], []
         with tempfile.TemporaryDirectory(prefix="oneranker-bench-") as home:
             for _ in range(runs):
                 raw.append(asyncio.run(_raw_consume(bootstrap, topics, len(events))))
                 worker.append(_worker_run(bootstrap, suffix, len(events), speed, Path(home), feast))
+                noop.append(_noop_run(bootstrap, suffix, len(events)))
         raw_med = statistics.median(raw)
+        noop_med = statistics.median(noop)
         worker_med = statistics.median(w["events_per_s"] for w in worker)
         return {
             "events": len(events), "requests": n_requests, "runs": runs, "speed": round(speed, 1),
@@ -125,6 +172,10 @@ def run_bench(bootstrap: str | None = None, quick: bool = False, runs: int | Non
                             for w in worker],
             "worker_events_per_s_median": round(worker_med, 1),
             "ratio": round(worker_med / raw_med, 4),
+            "noop_faust_events_per_s": [round(x, 1) for x in noop],
+            "noop_faust_median": round(noop_med, 1),
+            "noop_faust_ratio": round(noop_med / raw_med, 4),
+            "worker_vs_noop_faust": round(worker_med / noop_med, 4),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "broker": "embedded tansu" if broker else bootstrap,
@@ -146,5 +197,9 @@ def print_table(result: dict) -> None:
                   ", ".join(f"{x:,.0f}" for x in result["raw_consume_events_per_s"]))
     table.add_row("oneranker stream worker", f"{result['worker_events_per_s_median']:,.0f}",
                   ", ".join(f"{w['events_per_s']:,.0f}" for w in result["worker_runs"]))
+    table.add_row("no-op Faust agent (take_events)", f"{result['noop_faust_median']:,.0f}",
+                  ", ".join(f"{x:,.0f}" for x in result["noop_faust_events_per_s"]))
     table.add_row("ratio worker / raw", f"{result['ratio']:.3f}", "")
+    table.add_row("ratio no-op Faust / raw", f"{result['noop_faust_ratio']:.3f}", "")
+    table.add_row("ratio worker / no-op Faust", f"{result['worker_vs_noop_faust']:.3f}", "")
     Console().print(table)
