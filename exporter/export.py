@@ -50,14 +50,14 @@ def export_graph(model, out_dir: Path, k: int | None = None) -> dict:
     the ONNX checker and assert the exported dims are dynamic. Returns a description."""
     import onnx
 
-    from trainer.infer import export_onnx
+    from exporter.graph_cache import GRAPHS
 
     cfg = model.cfg
     n_heads = cfg.n_tasks
     k = min(k or EXPORT_K, n_heads * min(cfg.retrieve_n, cfg.num_items))
     path = out_dir / "model.onnx"
     t0 = time.perf_counter()
-    export_onnx(model, str(path), batch=2, seq_len=cfg.max_len, k=k)  # examples ≥ 2 (trap 1)
+    how = GRAPHS.export(model, str(path), k)  # traced, or the last trace with new weights
     export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(path))  # by path: also works with an external-data side file
     proto = onnx.load(str(path), load_external_data=False)
@@ -71,7 +71,7 @@ def export_graph(model, out_dir: Path, k: int | None = None) -> dict:
     for name in list(inputs)[1:4]:
         if not isinstance(inputs[name][1], str):
             raise ValueError(f"exported input {name} has a fixed history dimension {inputs[name]}")
-    return {"k": k, "inputs": inputs, "export_s": round(export_s, 2),
+    return {"k": k, "inputs": inputs, "export_s": round(export_s, 2), "graph": how,
             "files": sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model.onnx"))}
 
 
