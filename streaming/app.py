@@ -64,8 +64,8 @@ class WorkerOptions:
     store: str = "memory://"
     join: JoinConfig = field(default_factory=JoinConfig)
     idle_s: float = 2.0  # a topic-partition silent this long stops holding the watermark
-    batch_size: int = 2000
-    batch_within_s: float = 0.2
+    batch_size: int = 10000
+    batch_within_s: float = 0.5
     commit_interval_s: float = 1.0
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None/0: no HTTP endpoint
     feast: bool = True

@@ -116,7 +116,7 @@ def noop_faust_main(bootstrap: str, suffix: str, expect: int, out: str) -> None:
 
     import sys
 
-    sys.argv = ["noop", "worker", "-l", "warning"]
+    sys.argv = ["noop", "worker", "-l", "warn"]
     app.main()
 
 
