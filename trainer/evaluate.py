@@ -83,9 +83,9 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
             with amp:
                 if isinstance(model, OneRanker):
                     pool = None
-                    if cfg.rank_hard_negatives and model.ranker is not None:  # whole corpus when small
-                        pool = (torch.arange(2, cfg.num_items, device=dev) if cfg.num_items <= 8192 else
-                                torch.randint(2, cfg.num_items, (8192,), device=dev, generator=gen))
+                    if cfg.rank_hard_negatives and model.ranker is not None:  # uniform pool per step
+                        pool = torch.randint(2, cfg.num_items, (min(512, cfg.num_items),), device=dev,
+                                             generator=gen)
                     out = model(batch["user"], batch["items"], batch["actions"], batch["times"],
                                 batch["pos"], batch["device"], batch["cand"], pool)
                     loss, parts = oneranker_loss(model, out, batch, log_q, gen)
