@@ -76,7 +76,7 @@ def test_chunks_give_every_query_to_one_window_with_its_recent_history():
 def test_evaluate_main_smoke(tmp_path):
     out = tmp_path / "eval.json"
     res = evaluate_main("synthetic", "popularity,sasrec,cascade,oneranker,oneranker-gen-only", "tiny", epochs=1,
-                        device="cpu", out=str(out), seed=0, limit=1500, show=False)
+                        device="cpu", out=str(out), seed=0, limit=600, show=False, batch_size=256)
     data = json.loads(out.read_text())
     assert set(data["models"]) == {"popularity", "sasrec", "cascade", "oneranker", "oneranker-gen-only"}
     r = data["models"]["oneranker"]
