@@ -20,6 +20,7 @@ retention`` are counted as expired (too old to be deduplicated). Duplicate event
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -68,6 +69,19 @@ class JoinConfig:
         return self.close_after_ms + self.allowed_lateness_ms
 
 
+def _insert_token(history: dict, ad: str, action: int, ts: int, max_len: int) -> None:
+    """Insert one token into a history dict in event-time order (as TokenSequence.append)."""
+    times = history["event_times"]
+    i = bisect.bisect_right(times, ts)
+    history["item_ids"].insert(i, ad)
+    history["actions"].insert(i, int(action))
+    times.insert(i, int(ts))
+    if len(times) > max_len:
+        drop = len(times) - max_len
+        for k in ("item_ids", "actions", "event_times"):
+            del history[k][:drop]
+
+
 @dataclass
 class UserState:
     user_id: str
@@ -114,6 +128,11 @@ class UserState:
         ad = data["ad_id"]
         if action in cfg.history_actions:
             self.seq.append(ad, action, ts)
+            # A token that arrives after a later request was opened (topics are consumed
+            # independently) still belongs to that request's history: event time decides.
+            for req in self.pending.values():
+                if req["ts"] > ts:
+                    _insert_token(req["history"], ad, action, ts, cfg.history_len)
         prof = self.profile
         prof["last_event_ts"] = max(int(prof.get("last_event_ts") or 0), ts)
         if event_type == "click":

@@ -127,6 +127,17 @@ def test_label_for_an_ad_whose_impression_comes_later_still_counts():
     assert j.stats["unmatched"] == 1
 
 
+def test_a_token_processed_after_a_later_request_still_lands_in_its_history():
+    j = Joiner(CFG)
+    j.process(*imp("r1", "u", "a", 1, T0))
+    j.process(*imp("r2", "u", "b", 1, T0 + 500))  # impressions topic ran ahead…
+    j.process(*click("r1", "u", "a", T0 + 100))  # …of the clicks topic
+    j.process(*click("r2", "u", "b", T0 + 600))  # after r2: not in its history
+    by = {s.request_id: s for s in j.advance(T0 + 100_000)}
+    assert by["r2"].history["event_times"] == [T0 + 100]
+    assert by["r1"].history["event_times"] == []
+
+
 def test_quiet_user_closes_on_the_partition_watermark():
     j = Joiner(CFG)
     j.feed(*imp("q1", "quiet", "a", 1, T0))
