@@ -45,7 +45,7 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
         seen = model.seen_in_history(items, pos, ids.unsqueeze(1))
-        score = model.rank(mem, mask, s2, ids.unsqueeze(1), seen)[0][:, 0]  # [B, M]
+        score = model.rank(mem, mask, s2, ids.unsqueeze(1), seen, gen.unsqueeze(1))[0][:, 0]  # [B, M]
     else:
         score = gen
     final = score.masked_fill(dup | invalid, NEG)

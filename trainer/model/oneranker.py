@@ -46,7 +46,13 @@ class OneRanker(nn.Module):
         idx = torch.arange(S, device=h1.device)
         keys = valid.unsqueeze(1) & (idx.view(1, 1, S) <= pos.unsqueeze(2))  # [B,P,S]
         ctx = self.backbone.embed.context(device).unsqueeze(2)  # [B,P,1,d]
-        return (ctx, h1.unsqueeze(1)), (torch.ones_like(keys[:, :, :1]).unsqueeze(2), keys.unsqueeze(2))
+        mem = (ctx, h1.unsqueeze(1), self.state(h1, pos).unsqueeze(2))
+        return mem, (torch.ones_like(keys[:, :, :1]).unsqueeze(2), keys.unsqueeze(2))
+
+    @staticmethod
+    def state(h1, pos) -> torch.Tensor:
+        """H1 at the query positions (the user state after the newest visible token): [B,P,d]."""
+        return torch.gather(h1, 1, pos.unsqueeze(-1).expand(*pos.shape, h1.shape[-1]))
 
     @staticmethod
     def seen_in_history(items, pos, cand) -> torch.Tensor:
@@ -57,13 +63,17 @@ class OneRanker(nn.Module):
         hit = cand.unsqueeze(-1) == items.view(items.shape[0], 1, 1, -1)  # [B,P,C,L]
         return (hit & visible.unsqueeze(2) & (cand.unsqueeze(-1) > 1)).any(-1)
 
-    def rank(self, mem, mask, s2_out, cand, seen=None):
+    def rank(self, mem, mask, s2_out, cand, seen=None, gen=None):
         """Step 3 on candidates [B,P,C] given Step-2 outputs s2_out [B,P,Q,d] (the pass-through):
         keys/values = concat(context, H1, Step-2 outputs), or without Step 2 when the switch is off."""
+        state = mem[2][:, :, 0]
+        mem, mask = mem[:2], mask[:2]
         if self.cfg.kv_passthrough:
             mem = (*mem, s2_out)
             mask = (*mask, torch.ones_like(mask[0]).expand(*s2_out.shape[:2], 1, s2_out.shape[2]))
-        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen)
+        else:
+            gen = None  # the generator's scores are a Step-2 output too
+        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen, state, gen)
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, user, items, actions, times, pos, device, cand=None, pool=None) -> dict:
@@ -88,7 +98,8 @@ class OneRanker(nn.Module):
             if self.ranker is not None:
                 s2 = torch.cat([task, fake], dim=2)
                 seen = self.seen_in_history(items, pos, cand)
-                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, seen)
+                gen = out["gen_cand"].mean(2).detach()
+                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, seen, gen)
         return out
 
     def corpus_scores(self, task, s_target) -> torch.Tensor:

@@ -28,19 +28,26 @@ class Ranker(nn.Module):
         self.bid = nn.Linear(1, d)
         self.seen = nn.Embedding(2, d)  # target-aware: the candidate already is in the history
         nn.init.zeros_(self.seen.weight)
+        self.state_in = nn.Linear(d, d)  # user state at the query position → T_r
+        self.gen_in = nn.Linear(1, d)  # the generator's (detached) score of the candidate
         self.layers = nn.ModuleList([DecoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
                                      for _ in range(cfg.n_step3_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(3 * d, d), nn.SiLU(), nn.Linear(d, 3))
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor, cand: torch.Tensor,
-                log_bid: torch.Tensor, seen: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                log_bid: torch.Tensor, seen: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                gen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, P, C, d = cand.shape
         c = cand + self.bid(log_bid.unsqueeze(-1))
         if seen is not None:
             c = c + self.seen(seen.long())
-        x = torch.cat([self.rank_token.expand(B, P, 1, d), c], dim=2)  # [B,P,1+C,d]
+        if gen is not None:
+            c = c + self.gen_in(gen.unsqueeze(-1))
+        tr = self.rank_token.expand(B, P, 1, d)
+        if state is not None:
+            tr = tr + self.state_in(state).unsqueeze(2)
+        x = torch.cat([tr, c], dim=2)  # [B,P,1+C,d]
         mask = step3_mask(C).to(cand.device)
         for layer in self.layers:
             x = layer(x, mem, mem_mask, mask)

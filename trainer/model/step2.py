@@ -64,6 +64,7 @@ class Step2(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
                                      for _ in range(cfg.n_step2_layers)])
         self.ln_f = nn.LayerNorm(d)
+        self.state_in = nn.Linear(d, d)
         self.register_buffer("mask", step2_mask(self.n_tasks, self.n_fake), persistent=False)
         # s_target_il = MLP([task_i ; fake_l]); the first linear is split so the pairs never
         # materialise as [.., T, k, 2d].
@@ -85,10 +86,16 @@ class Step2(nn.Module):
             self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed, init=init).to(self.centroids)
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor):
-        """mem/mem_mask: memory parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d])."""
-        B, P = mem_mask[0].shape[:2] if isinstance(mem_mask, (tuple, list)) else mem_mask.shape[:2]
+        """mem/mem_mask: parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d], state [B,P,1,d])."""
+        state = mem[2]  # [B,P,1,d] H1 at the query position
+        mem, mem_mask = mem[:2], mem_mask[:2]
+        B, P = mem_mask[0].shape[:2]
         q = torch.cat([self.task, self.fake_tokens()], dim=0)  # [Q, d]
         x = q.expand(B, P, *q.shape)
+        # Task tokens start from the user state at the query position (cross-attention alone has
+        # no notion of recency); fake item tokens stay exactly the centroids.
+        is_task = (torch.arange(q.shape[0], device=q.device) < self.n_tasks).view(-1, 1)
+        x = x + self.state_in(state) * is_task
         for layer in self.layers:
             x = layer(x, mem, mem_mask, self.mask)
         x = self.ln_f(x)
