@@ -16,7 +16,7 @@ features_app = typer.Typer(help="The Feast feature store (user token sequences, 
 
 OnlineOpt = typer.Option(None, "--online", envvar="ONERANKER_FEAST_ONLINE",
                          help="Online store: sqlite (default, under $ONERANKER_HOME/feast), a SQLite "
-                              "path, or redis://host:port[/db].")
+                              "path, or redis://host:port or redis://host:port/db.")
 
 
 @features_app.command("apply")
