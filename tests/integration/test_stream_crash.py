@@ -9,6 +9,8 @@ import time
 import uuid
 from collections import defaultdict
 
+import pytest
+
 from streaming.joiner import JoinConfig, Joiner
 from streaming.replay.adlayer import load_requests, request_events
 from streaming.samples import Sample, sample_id
@@ -44,6 +46,7 @@ def reference(events):
     return {s.sample_id: s for s in out}, {u: st.seq for u, st in j.users.items()}
 
 
+@pytest.mark.slow
 def test_sigkill_three_times_loses_nothing(broker, tmp_path):
     tag = uuid.uuid4().hex[:8]
     suffix = f".k{tag}"
