@@ -22,6 +22,41 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def bucket(n: int, minimum: int = 1024) -> int:
+    """The next power of two ≥ n (at least ``minimum``): tables grow in few, large steps."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+def with_bucketed_tables(model):
+    """The same model with its item and user tables padded to a power-of-two number of rows, so a
+    growing vocabulary changes the graph's shapes (and forces a new trace) only now and then.
+
+    Padded rows are zeros and no id maps to them: the serving runtime's eligibility mask excludes
+    item rows at or beyond the id map's length, and user lookups only ever yield mapped rows."""
+    from trainer.model.oneranker import OneRanker
+
+    cfg = model.cfg
+    items, users = bucket(cfg.num_items), bucket(cfg.num_users)
+    if (items, users) == (cfg.num_items, cfg.num_users):
+        return model
+    padded = OneRanker(cfg.replace(num_items=items, num_users=users))
+    old = model.state_dict()
+    new = padded.state_dict()
+    for name, target in new.items():
+        source = old[name]
+        if source.shape == target.shape:
+            target.copy_(source)
+        elif source.shape[1:] == target.shape[1:] and source.shape[0] < target.shape[0]:
+            target.zero_()
+            target[: source.shape[0]].copy_(source)
+        else:
+            raise ValueError(f"cannot pad {name}: {tuple(source.shape)} → {tuple(target.shape)}")
+    return padded.eval()
+
+
 def signature(model, k: int) -> str:
     """What the traced graph depends on besides weight values."""
     shapes = {name: [list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()}

@@ -38,13 +38,24 @@ def _torch_vs_onnx(model, ranker, users, candidates=None):
     uids = list(users)
     feeds = ranker.encode([users[u] for u in uids], uids, [2] * len(uids),
                           [candidates] * len(uids) if candidates else None)
+    # The snapshot's tables are padded to a power-of-two size; rows past the real ones are never
+    # eligible, so the unpadded torch model sees the same request with the mask cut to its size.
+    n_items = model.cfg.num_items
+    eligible = feeds[ranker.input_names[-1]]
+    assert not eligible[:, n_items:].any()
+    torch_feeds = {**feeds, ranker.input_names[-1]: eligible[:, :n_items]}
     with torch.no_grad():
-        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(feeds[n]) for n in ranker.input_names),
+        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(torch_feeds[n]) for n in ranker.input_names),
                                     k=ranker.top_k)
     o_ids, o_scores = ranker.run(feeds)
     valid = t_scores.numpy() > -5e8
-    np.testing.assert_array_equal(o_ids[valid], t_ids.numpy()[valid])
     assert np.abs(o_scores - t_scores.numpy())[valid].max() <= 1e-4
+    # Same ids in the same order, except that two (numerically) tied scores may swap places.
+    t_np = t_ids.numpy()
+    for b, j in zip(*np.nonzero((o_ids != t_np) & valid)):
+        row = t_scores[b].numpy()
+        assert any(abs(row[j] - row[i]) <= 1e-5 for i in (j - 1, j + 1) if 0 <= i < row.shape[0]), (b, j)
+        assert sorted(o_ids[b][valid[b]]) == sorted(t_np[b][valid[b]])
     # and the replica's per-request path gives the same top-10 as torch
     for b, u in enumerate(uids[:3]):
         got = ranker.rank(u, users[u], 10, candidates, device=2)

@@ -41,3 +41,22 @@ def test_same_shapes_reuse_the_trace_and_keep_parity(tmp_path):
     bigger = OneRanker(preset("small", num_items=400, num_users=50, max_len=16))
     assert cache.export(bigger, str(tmp_path / "c.onnx"), 10) == "traced"
     assert (cache.traces, cache.reuses) == (2, 1)
+
+
+def test_bucketed_tables_rank_exactly_like_the_original():
+    from exporter.graph_cache import bucket, with_bucketed_tables
+
+    assert (bucket(10), bucket(1024), bucket(1025), bucket(5000)) == (1024, 1024, 2048, 8192)
+    torch.manual_seed(0)
+    cfg = preset("small", num_items=700, num_users=40, max_len=16)
+    model = OneRanker(cfg).eval()
+    padded = with_bucketed_tables(model)
+    assert (padded.cfg.num_items, padded.cfg.num_users) == (1024, 1024)
+    user, items, actions, times, device, eligible = example_inputs(cfg, 3, 12, torch.Generator().manual_seed(2))
+    wide = torch.zeros(3, 1024, dtype=torch.bool)
+    wide[:, :700] = eligible  # rows no ad id maps to are never eligible (the runtime's mask)
+    with torch.no_grad():
+        a_ids, a_scores = rank_topk(model, user, items, actions, times, device, eligible, k=10)
+        b_ids, b_scores = rank_topk(padded, user, items, actions, times, device, wide, k=10)
+    assert torch.equal(a_ids, b_ids)
+    assert torch.allclose(a_scores, b_scores, atol=1e-5)
