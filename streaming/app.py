@@ -417,7 +417,7 @@ class StreamWorker:
                 if self.pusher is not None:
                     from features.store import UserRow
 
-                    rows[uid] = UserRow(uid, st.seq.last(st.seq.max_len), dict(st.profile))
+                    rows[uid] = UserRow(uid, st.seq.last(self.opts.join.history_len), dict(st.profile))
             # the watermark goes last: restored with it, every state it covers is restored too
             self.clock_table[f"wm:{part.joiner.partition}"] = str(part.joiner.watermark).encode()
             if rows:

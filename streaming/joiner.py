@@ -20,7 +20,6 @@ retention`` are counted as expired (too old to be deduplicated). Duplicate event
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -46,6 +45,12 @@ ORPHAN_DROPPED = "orphan_dropped"  # … and they never came within the retentio
 UNMATCHED = "unmatched"  # label for an ad the request did not show
 
 
+# The state keeps this many times history_len tokens, so that the history of a request still open
+# survives up to history_len newer tokens arriving inside its window (a sample's history is cut
+# from the sequence when the request closes).
+STATE_HISTORY_FACTOR = 2
+
+
 @dataclass(frozen=True)
 class JoinConfig:
     click_window_ms: int = config.CLICK_WINDOW_MS
@@ -69,19 +74,6 @@ class JoinConfig:
         return self.close_after_ms + self.allowed_lateness_ms
 
 
-def _insert_token(history: dict, ad: str, action: int, ts: int, max_len: int) -> None:
-    """Insert one token into a history dict in event-time order (as TokenSequence.append)."""
-    times = history["event_times"]
-    i = bisect.bisect_right(times, ts)
-    history["item_ids"].insert(i, ad)
-    history["actions"].insert(i, int(action))
-    times.insert(i, int(ts))
-    if len(times) > max_len:
-        drop = len(times) - max_len
-        for k in ("item_ids", "actions", "event_times"):
-            del history[k][:drop]
-
-
 @dataclass
 class UserState:
     user_id: str
@@ -97,7 +89,7 @@ class UserState:
 
     @classmethod
     def new(cls, user_id: str, history_len: int = config.DEFAULT_HISTORY_LEN) -> "UserState":
-        return cls(user_id, TokenSequence(max_len=history_len))
+        return cls(user_id, TokenSequence(max_len=STATE_HISTORY_FACTOR * history_len))
 
     # -- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +99,7 @@ class UserState:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], history_len: int = config.DEFAULT_HISTORY_LEN) -> "UserState":
-        return cls(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=history_len),
+        return cls(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=STATE_HISTORY_FACTOR * history_len),
                    dict(d.get("pending") or {}), dict(d.get("orphans") or {}),
                    dict(d.get("seen") or {}), dict(d.get("closed") or {}),
                    dict(d.get("profile") or cls.new("").profile), d.get("p"))
@@ -127,12 +119,10 @@ class UserState:
         action = int(ACTION_OF_EVENT[event_type])
         ad = data["ad_id"]
         if action in cfg.history_actions:
-            self.seq.append(ad, action, ts)
             # A token that arrives after a later request was opened (topics are consumed
-            # independently) still belongs to that request's history: event time decides.
-            for req in self.pending.values():
-                if req["ts"] > ts:
-                    _insert_token(req["history"], ad, action, ts, cfg.history_len)
+            # independently) still belongs to that request's history: event time decides, and
+            # a request's history is cut from the sequence when it closes (see ``close``).
+            self.seq.append(ad, action, ts)
         prof = self.profile
         prof["last_event_ts"] = max(int(prof.get("last_event_ts") or 0), ts)
         if event_type == "click":
@@ -160,7 +150,6 @@ class UserState:
         if req is None:
             req = self.pending[rid] = {
                 "ts": ts, "ads": {}, "clicks": {}, "convs": {}, "late": 0,
-                "history": self.seq.as_of(ts).to_dict(),
                 "context": dict(data.get("context") or {}),
             }
             self.profile["request_count"] += 1
@@ -217,8 +206,12 @@ class UserState:
                 conv = req["convs"].get(ad)
                 ads.append(SampleAd(int(pos), ad, bid, int(ad in req["clicks"]), int(conv is not None),
                                     float(conv[1]) if conv else 0.0))
+            # The history as of the request: every token strictly before it, cut now rather than
+            # copied when the request opened, so a heavy user's open requests do not each carry
+            # a copy (that made single table records exceed the broker's message size).
+            history = req.get("history") or self.seq.as_of(req["ts"]).last(cfg.history_len).to_dict()
             samples.append(Sample(sample_id(self.user_id, rid), self.user_id, rid, req["ts"],
-                                  req["history"], ads, req["context"], req["late"], watermark))
+                                  history, ads, req["context"], req["late"], watermark))
         horizon = watermark - cfg.retention_ms
         if self.seen and min(self.seen.values()) < horizon:
             self.seen = {e: t for e, t in self.seen.items() if t >= horizon}
@@ -322,9 +315,13 @@ class Joiner:
         return self.advance(int(data["ts"]) - self.cfg.allowed_lateness_ms)
 
     def flush(self) -> list[Sample]:
-        """Close everything still pending (end of a bounded stream)."""
-        due = [d for d, _ in self._heap]
-        return self.advance(max(due) + 1) if due else []
+        """Close everything still pending (end of a bounded stream). Closing a user's earliest
+        deadline can schedule a later one (an orphan's expiry before an open request), so advance
+        until nothing is scheduled; each round moves the watermark strictly forward."""
+        out: list[Sample] = []
+        while self._heap:
+            out += self.advance(max(d for d, _ in self._heap) + 1)
+        return out
 
     def pending_requests(self) -> int:
         return sum(len(s.pending) for s in self.users.values())

@@ -6,7 +6,7 @@ import json
 
 from features.tokens import Action
 from streaming.joiner import (DUPLICATE, EXPIRED, LATE_CONVERSION, ORPHAN, JoinConfig, Joiner,
-                              PartitionClock, UserState)
+                              STATE_HISTORY_FACTOR, PartitionClock, UserState)
 from streaming.samples import Sample, sample_id
 
 CFG = JoinConfig(click_window_ms=1000, conversion_window_ms=5000, allowed_lateness_ms=100)
@@ -191,7 +191,26 @@ def test_userstate_history_len_caps_snapshots():
     j.feed(*imp("r", "u", "z", 1, T0 + 100))
     (s,) = j.flush()
     assert s.history["item_ids"] == ["a3", "a4", "a5"]
-    assert UserState.from_dict(j.state("u").to_dict(), 3).seq.item_ids == ["a3", "a4", "a5"]
+    # The state keeps STATE_HISTORY_FACTOR × history_len tokens (histories are cut at close).
+    kept = UserState.from_dict(j.state("u").to_dict(), 3).seq.item_ids
+    assert kept == ["a0", "a1", "a2", "a3", "a4", "a5"][-STATE_HISTORY_FACTOR * 3:]
+
+
+def test_open_requests_do_not_copy_the_history_and_keep_it_as_of_their_time():
+    cfg = JoinConfig(click_window_ms=1000, conversion_window_ms=1000, allowed_lateness_ms=0, history_len=3)
+    j = Joiner(cfg)
+    for i in range(3):
+        j.feed(*click(f"c{i}", "u", f"a{i}", T0 + i))
+    for r in range(50):  # a heavy user: many requests open at once
+        j.feed(*imp(f"r{r}", "u", f"z{r}", 1, T0 + 10 + r))
+    for i in range(3):  # newer tokens inside the open windows must not leak into older requests
+        j.feed(*click(f"n{i}", "u", f"b{i}", T0 + 20 + i))
+    state = j.state("u").to_dict()
+    assert all("history" not in req for req in state["pending"].values())
+    samples = {s.request_id: s for s in j.flush()}
+    assert samples["r0"].history["item_ids"] == ["a0", "a1", "a2"]
+    assert samples["r11"].history["item_ids"] == ["a1", "a2", "b0"]
+    assert samples["r49"].history["item_ids"] == ["b0", "b1", "b2"]
 
 
 def test_partition_clock_min_over_topics_idle_and_wall_clock_flush():
