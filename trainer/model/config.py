@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     "small": dict(d_model=64, n_heads=2, n_layers=2, n_step2_layers=2, n_step3_layers=1,
                   ffn_mult=2, n_interest_tasks=3, n_value_tasks=1, n_fake_items=16, max_len=50,
-                  retrieve_n=50, num_negatives=256, train_positions=8, rank_hard_negatives=8,
+                  retrieve_n=50, num_negatives=256, train_positions=8, rank_hard_negatives=0,
                   batch_size=64),
     "tiny": dict(d_model=16, n_heads=2, n_layers=1, n_step2_layers=1, n_step3_layers=1, ffn_mult=2,
                  n_interest_tasks=2, n_value_tasks=1, n_fake_items=4, max_len=12, retrieve_n=5,
