@@ -185,8 +185,8 @@ def init(
 @app.command()
 def up(
     dataset: str = typer.Option("movielens-100k", help="Dataset to replay (see `produce`)."),
-    speed: float = typer.Option(100000.0, help="Event-time compression of the replay."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N interactions."),
+    speed: float = typer.Option(20000.0, help="Event-time compression of the replay."),
+    limit: Optional[int] = typer.Option(20000, help="Only the first N interactions (0: all)."),
     replicas: int = typer.Option(2, help="Serving replicas."),
     impressions: int = typer.Option(10, help="Ads shown per request."),
     preset: str = typer.Option("small", help="Model preset of the trainer."),
@@ -198,7 +198,7 @@ def up(
     exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
     from deploy.stack import UpOptions, run_up
 
-    code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit, replicas=replicas,
+    code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
                             impressions=impressions, preset=preset, port=port, home=home, timeout_s=timeout))
     raise typer.Exit(code)
 
