@@ -95,7 +95,8 @@ def broker(
 def produce(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic, or a CSV/parquet "
                                 "path with user_id,item_id,timestamp[,rating]."),
-    speed: float = typer.Option(100000.0, help="Event-time compression: a dataset day lasts 86400/speed s."),
+    speed: float = typer.Option(100000.0, envvar="ONERANKER_REPLAY_SPEED",
+                                help="Event-time compression: a dataset day lasts 86400/speed s."),
     limit: Optional[int] = typer.Option(None, help="Only the first N interactions (requests) in time."),
     seed: int = typer.Option(0, help="Seed of the ad layer: same seed, same stream byte for byte."),
     impressions: int = typer.Option(10, help="Ads shown per request."),

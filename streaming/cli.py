@@ -28,7 +28,7 @@ def stream(
     conversion_window_ms: int = typer.Option(config.CONVERSION_WINDOW_MS,
                                              help="Conversion attribution window (from the request)."),
     window_scale: float = typer.Option(1.0, help="Multiply both windows (a replay at speed S: 1/S)."),
-    speed: Optional[float] = typer.Option(None, help="Replay speed; sets --window-scale to 1/speed."),
+    speed: Optional[float] = typer.Option(None, envvar="ONERANKER_REPLAY_SPEED", help="Replay speed; sets --window-scale to 1/speed."),
     allowed_lateness_ms: int = typer.Option(2000, help="Watermark = min over topics of max event "
                                             "time minus this."),
     flush_idle_s: float = typer.Option(2.0, help="A topic-partition silent this long stops holding "
