@@ -307,6 +307,10 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     ok = all(v and v != first_version for v in versions.values())
     _show_results(client, ports, versions, requests, opts, fresh)
     client.close()
+    summary = {"ok": ok, "first_version": first_version, "versions": versions,
+               "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
+               "restarts": {name: m.restarts for name, m in sup.services.items()}}
+    (sup.log_dir.parent / "up-summary.json").write_text(json.dumps(summary, indent=2))
     if not ok:
         console.print("[red]the replicas did not reach a snapshot newer than the first one in time[/red]")
     return 0 if ok else 1
