@@ -6,22 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from streaming.broker import free_port
-
-
-def wait_for(predicate, timeout_s, interval_s=0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return None
+from tests.helpers import wait_for
 
 
 def services(home: Path) -> dict:
@@ -44,13 +34,14 @@ def test_killing_services_during_up_does_not_stop_the_demo(tmp_path):
                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "120"})
     try:
         # Kill each kind of service once the stack is doing real work: after the first snapshot.
-        assert wait_for(lambda: snapshots(home) >= 1, 240), (tmp_path / "up.log").read_text()[-3000:]
+        assert wait_for(lambda: snapshots(home) >= 1, 240, interval_s=0.5), (tmp_path / "up.log").read_text()[-3000:]
         killed = []
         for name in ("stream", "trainer", "serve-1"):
             before = services(home)[name]
             os.kill(before["pid"], signal.SIGKILL)
             killed.append(name)
-            restarted = wait_for(lambda: services(home).get(name, {}).get("restarts", 0) > before["restarts"], 60)
+            restarted = wait_for(lambda: services(home).get(name, {}).get("restarts", 0) > before["restarts"], 60,
+                                 interval_s=0.5)
             assert restarted, f"{name} was not restarted"
         assert up.wait(timeout=480) == 0, (tmp_path / "up.log").read_text()[-4000:]
     finally:

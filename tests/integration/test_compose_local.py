@@ -4,7 +4,6 @@ local directory where the S3 store is absent. The stack must answer a ranking re
 
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +12,7 @@ import yaml
 
 from deploy.supervisor import ServiceSpec, Supervisor
 from streaming.broker import EmbeddedBroker, free_port
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("stream", "trainer", "exporter", "serve-1")
@@ -44,16 +44,6 @@ def local_argv(command: list, home: Path, ports: dict, name: str) -> list:
     return argv
 
 
-def wait_for(predicate, timeout_s, interval_s=0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return None
-
-
 @pytest.mark.slow
 def test_compose_commands_as_local_processes_answer_a_ranking(tmp_path):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -67,7 +57,7 @@ def test_compose_commands_as_local_processes_answer_a_ranking(tmp_path):
             init = services["init"]
             sup.start(ServiceSpec("init", local_argv(init["command"], home, ports, "init"),
                                   local_env(init["environment"], broker.bootstrap, home), restart=False))
-            assert wait_for(lambda: not sup.alive("init"), 180), "init did not finish"
+            assert wait_for(lambda: not sup.alive("init"), 180, interval_s=0.5), "init did not finish"
             assert sup.services["init"].proc.returncode == 0, (tmp_path / "logs" / "init.log").read_text()[-3000:]
             for name in SERVICES:
                 svc = services[name]

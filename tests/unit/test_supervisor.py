@@ -4,20 +4,11 @@ import json
 import os
 import signal
 import sys
-import time
 
 from deploy.supervisor import ServiceSpec, Supervisor
+from tests.helpers import wait_for
 
 SLEEPER = [sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"]
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def gone(pid):
