@@ -51,6 +51,7 @@ class UpOptions:
     timeout_s: float = 540.0  # the whole run, replay included
     sample_every: int = 50  # every N-th request is followed for freshness
     show_users: int = 3
+    metrics_port: int = 0  # Prometheus endpoint of `up` (freshness histogram); 0 = any free port
     checkpoint_every_s: float = 3.0
     export_interval_s: float = 2.0
 
@@ -63,6 +64,7 @@ class Freshness:
     sample_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # request_id → (partition, offset)
     served: dict[str, float] = field(default_factory=dict)  # request_id → wall time first served
     lock: threading.Lock = field(default_factory=threading.Lock)
+    histogram: object | None = None  # prometheus_client Histogram, observed as requests get served
 
     def on_version(self, now: float, offsets: dict[int, int]) -> None:
         """A replica now serves a snapshot trained through ``offsets`` (partition → next offset)."""
@@ -70,6 +72,8 @@ class Freshness:
             for rid, (part, off) in self.sample_at.items():
                 if rid not in self.served and off < offsets.get(part, 0):
                     self.served[rid] = now
+                    if self.histogram is not None and rid in self.produced:
+                        self.histogram.observe(now - self.produced[rid])
 
     def seconds(self) -> list[float]:
         with self.lock:
@@ -80,6 +84,21 @@ class Freshness:
         q = (lambda p: round(s[min(len(s) - 1, int(p * len(s)))], 2)) if s else (lambda p: None)
         return {"followed": len(self.produced), "served": len(s), "p50_s": q(0.5), "p95_s": q(0.95),
                 "mean_s": round(statistics.fmean(s), 2) if s else None}
+
+
+def _freshness_metric(port: int):
+    """The freshness histogram on a Prometheus endpoint of its own (printed at start)."""
+    from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+    registry = CollectorRegistry()
+    hist = Histogram("oneranker_freshness_seconds",
+                     "Event production → first served by a replica whose snapshot covers its sample",
+                     buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600), registry=registry)
+    port = port or _free_port()
+    start_http_server(port, addr=config.settings().bind_host, registry=registry)
+    console.print(f"freshness metric: http://{config.settings().bind_host}:{port}/metrics "
+                  "(oneranker_freshness_seconds)")
+    return hist
 
 
 def _free_port() -> int:
@@ -217,7 +236,7 @@ def run_up(opts: UpOptions) -> int:
             sup.start(spec)
         console.print(f"services: {', '.join(sup.services)} (logs in {home / 'logs'})")
 
-        fresh, counts = Freshness(), {"samples": 0, "produced": 0}
+        fresh, counts = Freshness(histogram=_freshness_metric(opts.metrics_port)), {"samples": 0, "produced": 0}
         followed = {r.request_id for i, r in enumerate(requests) if i % opts.sample_every == 0}
 
         def on_sent(i: int, event_type: str, data: dict) -> None:
@@ -231,7 +250,8 @@ def run_up(opts: UpOptions) -> int:
 
         def replay() -> None:
             try:
-                publish(events, broker.bootstrap, pace=True, show_progress=False, on_sent=on_sent, stop=stop)
+                counts["replay"] = publish(events, broker.bootstrap, pace=True, show_progress=False,
+                                           on_sent=on_sent, stop=stop).as_dict()
             finally:
                 replay_done.set()
 
@@ -305,7 +325,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
                 break  # good enough: newer snapshots are served; stragglers would only add waiting
             time.sleep(0.5)
     ok = all(v and v != first_version for v in versions.values())
-    _show_results(client, ports, versions, requests, opts, fresh)
+    _show_results(client, ports, versions, requests, opts, fresh, counts)
     client.close()
     summary = {"ok": ok, "first_version": first_version, "versions": versions,
                "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
@@ -316,7 +336,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     return 0 if ok else 1
 
 
-def _show_results(client, ports, versions, requests, opts, fresh) -> None:
+def _show_results(client, ports, versions, requests, opts, fresh, counts) -> None:
     users = []
     for r in reversed(requests):
         if r.user_id not in users:
@@ -338,6 +358,11 @@ def _show_results(client, ports, versions, requests, opts, fresh) -> None:
                 ids = [f"error: {exc}"]
             t.add_row(u, " ".join(ids))
         console.print(t)
+    replay = counts.get("replay") or {}
+    if replay:
+        console.print(f"[bold]replay[/bold] {replay['events']:,} events {replay['by_type']}, "
+                      f"{replay['users']:,} users, {replay['ads']:,} ads, {replay['requests']:,} requests, "
+                      f"{replay['events_per_s']:,.0f} events/s over {replay['seconds']:.0f} s")
     f = fresh.summary()
     console.print(f"[bold]freshness[/bold] (production → served by a replica, {f['served']} of "
                   f"{f['followed']} followed requests): p50 {f['p50_s']} s, p95 {f['p95_s']} s")

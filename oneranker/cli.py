@@ -194,13 +194,15 @@ def up(
     port: Optional[int] = typer.Option(None, help="Embedded broker port (default 9092, or any free one)."),
     home: Optional[Path] = typer.Option(None, help="State dir of this run (default $ONERANKER_HOME/up; wiped)."),
     timeout: float = typer.Option(540.0, help="Give up after this many seconds."),
+    metrics_port: int = typer.Option(0, help="Prometheus port for the freshness histogram (0: any free)."),
 ) -> None:
     """The whole system as local processes on embedded defaults: broker, Feast, stream worker, trainer,
     exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
     from deploy.stack import UpOptions, run_up
 
     code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
-                            impressions=impressions, preset=preset, port=port, home=home, timeout_s=timeout))
+                            impressions=impressions, preset=preset, port=port, home=home, timeout_s=timeout,
+                            metrics_port=metrics_port))
     raise typer.Exit(code)
 
 
