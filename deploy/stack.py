@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import sys
 import threading
@@ -99,6 +100,10 @@ def _freshness_metric(port: int):
     console.print(f"freshness metric: http://{config.settings().bind_host}:{port}/metrics "
                   "(oneranker_freshness_seconds)")
     return hist
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _free_port() -> int:
@@ -203,6 +208,9 @@ def run_up(opts: UpOptions) -> int:
     from streaming.replay.adlayer import load_requests, request_events
     from streaming.replay.producer import publish
 
+    # Ctrl-C and SIGTERM both unwind through the ``finally`` below: every service, then the broker.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     home = (opts.home or config.settings().home / "up").resolve()
     if home.exists():
         shutil.rmtree(home)  # the embedded broker is memory-only: old state would not match it

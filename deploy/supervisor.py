@@ -3,7 +3,6 @@ stop them all (no orphans), and record their pids for ops tooling and chaos test
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -13,18 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oneranker.process import die_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if the supervisor dies, so a crash leaves no orphans."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 @dataclass
 class ServiceSpec:
@@ -58,7 +48,7 @@ class Supervisor:
         try:
             return subprocess.Popen(spec.argv, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, **spec.env}, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         finally:
             out.close()
 

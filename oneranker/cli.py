@@ -200,9 +200,13 @@ def up(
     exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
     from deploy.stack import UpOptions, run_up
 
-    code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
-                            impressions=impressions, preset=preset, port=port, home=home, timeout_s=timeout,
-                            metrics_port=metrics_port))
+    try:
+        code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
+                                impressions=impressions, preset=preset, port=port, home=home,
+                                timeout_s=timeout, metrics_port=metrics_port))
+    except KeyboardInterrupt:
+        console.print("interrupted: every service and the broker were stopped")
+        code = 130
     raise typer.Exit(code)
 
 

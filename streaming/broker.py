@@ -12,6 +12,7 @@ from pathlib import Path
 
 from oneranker import config
 from oneranker.kafka import ensure_topics, wait_for_broker
+from oneranker.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class EmbeddedBroker:
             [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         try:
             wait_for_broker(self.bootstrap, timeout_s).close()

@@ -56,3 +56,35 @@ def test_killing_services_during_up_does_not_stop_the_demo(tmp_path):
     assert summary["freshness"]["served"] > 0
     out = (tmp_path / "up.log").read_text()
     assert "serve-1: top-10 ads" in out and "serve-2: top-10 ads" in out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_service_and_the_broker(tmp_path):
+    home = tmp_path / "up"
+    port = free_port()
+    log_path = tmp_path / "up.log"
+    log = log_path.open("w")
+    up = subprocess.Popen([sys.executable, "-m", "oneranker.cli", "up", "--limit", "2000", "--speed", "5000",
+                           "--home", str(home), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        state = wait_for(lambda: len(services(home)) == 5 and services(home), 120, interval_s=0.5)
+        assert state, "the stack did not start: " + log_path.read_text()[-3000:]
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 130, log_path.read_text()[-3000:]
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+    pids = [s["pid"] for s in state.values()]
+    assert wait_for(lambda: all(_gone(p) for p in pids), 15, interval_s=0.2), "orphaned services"
+    from streaming.broker import port_in_use
+
+    assert wait_for(lambda: not port_in_use("127.0.0.1", port), 15, interval_s=0.2), "orphaned broker"
