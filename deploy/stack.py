@@ -30,6 +30,7 @@ from rich.table import Table
 
 from deploy.supervisor import ServiceSpec, Supervisor
 from oneranker import config
+from streaming.broker import free_port
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -95,7 +96,7 @@ def _freshness_metric(port: int):
     hist = Histogram("oneranker_freshness_seconds",
                      "Event production → first served by a replica whose snapshot covers its sample",
                      buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600), registry=registry)
-    port = port or _free_port()
+    port = port or free_port()
     start_http_server(port, addr=config.settings().bind_host, registry=registry)
     console.print(f"freshness metric: http://{config.settings().bind_host}:{port}/metrics "
                   "(oneranker_freshness_seconds)")
@@ -104,12 +105,6 @@ def _freshness_metric(port: int):
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _free_port() -> int:
-    from streaming.broker import free_port
-
-    return free_port()
 
 
 def _oneranker(*args: str) -> list[str]:
@@ -218,7 +213,7 @@ def run_up(opts: UpOptions) -> int:
     store_url = (home / "snapshots").as_uri()
     os.environ.update({"ONERANKER_HOME": str(home), "ONERANKER_SNAPSHOT_STORE": store_url})
     port = opts.port or (config.DEFAULT_BROKER_PORT if not port_in_use("127.0.0.1", config.DEFAULT_BROKER_PORT)
-                         else _free_port())
+                         else free_port())
     deadline = time.monotonic() + opts.timeout_s
     sup = Supervisor(home / "logs", state_file=home / "services.json")
     stop = threading.Event()
@@ -231,15 +226,12 @@ def run_up(opts: UpOptions) -> int:
             ensure_topics(broker.bootstrap)
             requests, catalog = load_requests(opts.dataset, seed=opts.seed, n_impressions=opts.impressions,
                                               limit=opts.limit)
-            import pyarrow.parquet as pq
-
             from features.store import ad_catalog_path, apply
 
-            pq.write_table(catalog.to_arrow(), ad_catalog_path())
-            apply(catalog=ad_catalog_path())
+            apply(catalog=catalog.write(ad_catalog_path()))
             events = request_events(requests, int(time.time() * 1000), opts.speed)
-        ports = {"stream": _free_port(), "trainer": _free_port(),
-                 **{f"serve-{i}": _free_port() for i in range(1, opts.replicas + 1)}}
+        ports = {"stream": free_port(), "trainer": free_port(),
+                 **{f"serve-{i}": free_port() for i in range(1, opts.replicas + 1)}}
         for spec in _service_specs(opts, home, store_url, ports):
             sup.start(spec)
         console.print(f"services: {', '.join(sup.services)} (logs in {home / 'logs'})")

@@ -109,8 +109,6 @@ def produce(
     bootstrap_servers: Optional[str] = BootstrapOpt,
 ) -> None:
     """Replay a dataset as impression/click/conversion events (JSON, key = user_id)."""
-    import pyarrow.parquet as pq
-
     bootstrap = _bootstrap(bootstrap_servers, connect_timeout)
 
     from streaming.replay.adlayer import load_requests, request_events
@@ -119,9 +117,7 @@ def produce(
     with console.status(f"building the {dataset} ad layer"):
         requests, catalog = load_requests(dataset, seed=seed, n_impressions=impressions, limit=limit)
         events = request_events(requests, int(time.time() * 1000) if start_ms is None else start_ms, speed)
-    catalog_path = catalog_out or config.settings().home / "ad_catalog.parquet"
-    catalog_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(catalog.to_arrow(), catalog_path)
+    catalog_path = catalog.write(catalog_out or config.settings().home / "ad_catalog.parquet")
     console.print(f"{len(requests):,} requests → {len(events):,} events; ad catalog ({len(catalog):,} ads) "
                   f"at {catalog_path}")
     summary = publish(events, bootstrap, pace=pace)
@@ -159,8 +155,6 @@ def init(
     bootstrap_servers: Optional[str] = BootstrapOpt,
 ) -> None:
     """One-shot setup: create the topics, write the ad catalog, `feast apply` and load the ads."""
-    import pyarrow.parquet as pq
-
     from features.store import ad_catalog_path, apply
     from oneranker.kafka import ensure_topics
     from streaming.replay.adlayer import load_requests
@@ -169,9 +163,7 @@ def init(
     created = ensure_topics(bootstrap)
     console.print(f"topics ready on {bootstrap} (created: {', '.join(created) or 'none'})")
     _, catalog = load_requests(dataset, seed=seed, limit=1)
-    path = ad_catalog_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(catalog.to_arrow(), path)
+    path = catalog.write(ad_catalog_path())
     result = apply(catalog=path)
     console.print(f"feast apply: {', '.join(result.objects)}; {result.ads_materialized} ads online")
     if create_bucket:

@@ -8,6 +8,7 @@ rebased, speed-compressed clock. Same seed, same inputs → the same bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,14 @@ class AdCatalog:
             "bid": pa.array(self.bid, pa.float64()),
             "price": pa.array(self.price, pa.float64()),
         })
+
+    def write(self, path: Path) -> Path:
+        """The catalog as parquet at ``path`` (the Feast ad view's file source)."""
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.to_arrow(), path)
+        return path
 
     @classmethod
     def seeded(cls, ad_ids: np.ndarray, category: np.ndarray, seed: int) -> "AdCatalog":
