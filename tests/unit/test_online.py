@@ -79,14 +79,17 @@ def test_collate_layout():
     assert b["click"].sum() == 6
 
 
-def test_grouped_rows_put_each_query_after_its_own_history():
+@pytest.mark.parametrize("row_cost", [None, 0.5, 2.0, 50.0])
+def test_grouped_rows_put_each_query_after_its_own_history(row_cost):
     from trainer.online import Vocab
 
     ss = make_samples(64, n_users=3)
     v = Vocab()
     L = 8
-    b = collate_samples(ss, v, max_len=L, n_targets=2, rng=np.random.default_rng(0), group=True)
-    assert b["items"].shape[0] < 64 and int(b["pos_valid"].sum()) == 64
+    b = collate_samples(ss, v, max_len=L, n_targets=2, rng=np.random.default_rng(0), group=True, row_cost=row_cost)
+    assert int(b["pos_valid"].sum()) == 64
+    if row_cost is None or row_cost >= 50:  # rows are expensive: they are shared
+        assert b["items"].shape[0] < 64
     assert sorted(b["order"][b["pos_valid"]].tolist()) == list(range(64))
     for r in range(b["items"].shape[0]):
         for p in range(b["pos"].shape[1]):
@@ -99,6 +102,18 @@ def test_grouped_rows_put_each_query_after_its_own_history():
             assert seen == [v.items.get(x) for x in hist[len(hist) - len(seen):]] if seen else True
             assert len(seen) == min(len(hist), L) or len(seen) >= L // 2
             assert b["cand"][r, p].tolist() == [v.items.get(a.ad_id) for a in s.ads]
+
+
+def test_cheapest_row_plan_costs_no_more_than_fixed_sizes():
+    from trainer.online import plan_rows, plan_rows_cheapest
+
+    ss = make_samples(200, n_users=5)
+    cost = lambda rows, c: len(rows) * (c + max(len(m) for _, m in rows))  # noqa: E731
+    for c in (0.5, 2.0, 8.0):
+        best = plan_rows_cheapest(ss, 8, c)
+        assert sorted(i for _, m in best for i, _ in m) == list(range(200))  # every sample once
+        for size in (1, 2, 4, 8, 16):
+            assert cost(best, c) <= cost(plan_rows(ss, 8, size), c)
 
 
 def test_grow_keeps_rows_and_optimizer_state():
