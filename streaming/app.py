@@ -24,9 +24,8 @@ restored state never claims a sample that was lost. A crash re-delivers the unco
 restored state dedupes them by event id, so re-emission can only repeat a sample with the same
 ``sample_id``.
 
-Tansu quirk handled here: its ListOffsets answer is too low when batches hold several records, which
-would end Faust's changelog recovery early; the consumer's ``highwaters`` is patched to read the
-(correct) high watermark from a fetch response instead.
+Faust internals patched (streaming/faust_patches.py): high watermarks read from a fetch response
+(Tansu's ListOffsets is wrong), and message delivery without two asyncio tasks per message (speed).
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from typing import Any
 
 from oneranker import config
 from streaming import events as contract
+from streaming import faust_patches
 from streaming.joiner import MIN_TS, JoinConfig, Joiner, PartitionClock
 
 log = logging.getLogger(__name__)
@@ -82,55 +82,6 @@ class WorkerOptions:
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir or config.settings().home / "stream" / f"{self.app_id}-{self.worker_id}"
-
-
-# ------------------------------------------------------------------------------------------------
-# Tansu: high watermarks from a fetch response, not from ListOffsets (DESIGN §8)
-
-
-async def _fetch_highwaters(consumer, partitions) -> dict:
-    from aiokafka.structs import TopicPartition
-
-    tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
-    if not tps:
-        return {}
-    low = await consumer.end_offsets(tps)
-    import aiokafka
-
-    probe = aiokafka.AIOKafkaConsumer(bootstrap_servers=consumer._client._bootstrap_servers,
-                                      enable_auto_commit=False, group_id=None,
-                                      client_id="oneranker-highwater-probe")
-    await probe.start()
-    try:
-        probe.assign(tps)
-        for tp in tps:
-            probe.seek(tp, low[tp])
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            await probe.getmany(timeout_ms=100, max_records=1)
-            if all(probe.highwater(tp) is not None for tp in tps):
-                break
-        return {tp: max(low[tp], probe.highwater(tp) or 0) for tp in tps}
-    finally:
-        await probe.stop()
-
-
-def patch_faust_highwaters() -> None:
-    from faust.transport.drivers import aiokafka as drv
-
-    if getattr(drv.AIOKafkaConsumerThread, "_oneranker_patched", False):
-        return
-
-    async def _highwaters(self, partitions):
-        consumer = self._ensure_consumer()
-        if self.consumer.in_transaction:
-            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
-        result = await _fetch_highwaters(consumer, list(partitions))
-        by_key = {(k.topic, k.partition): v for k, v in result.items()}
-        return {tp: by_key[(tp.topic, tp.partition)] for tp in partitions}
-
-    drv.AIOKafkaConsumerThread._highwaters = _highwaters
-    drv.AIOKafkaConsumerThread._oneranker_patched = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +278,39 @@ class StreamWorker:
 
         return backlog
 
+    async def quiesce(self) -> None:
+        """Partitions are being revoked: let any write in flight finish and reach the broker before
+        the table recovery that follows reads the changelogs, then forget the joiners."""
+        async with self.lock:
+            await self.app.producer.flush()
+            self.reset()
+
     # -- processing ------------------------------------------------------------------------------
+    async def process_batch(self, events) -> None:
+        """``handle_batch`` with the crash rule of at-least-once.
+
+        ``take_events`` acks a batch when the agent's loop moves on, even when that is an exception
+        unwinding it, and an acked offset gets committed. A batch that failed half-way must never be
+        acked, so an error kills the process instead (the supervisor restarts it and the batch is
+        re-delivered). A cancellation (shutdown) lets the batch finish first, so its ack is true.
+        """
+        task = asyncio.ensure_future(self.handle_batch(events))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            if task.cancelled() or task.exception() is not None:
+                self._die(task.exception())
+            raise
+        except Exception as exc:
+            self._die(exc)
+
+    @staticmethod
+    def _die(exc: BaseException | None) -> None:
+        log.critical("batch failed, exiting without acknowledging it: %r", exc, exc_info=exc)
+        logging.shutdown()
+        os._exit(70)
+
     async def handle_batch(self, events) -> None:
         async with self.lock:
             t = time.perf_counter()
@@ -428,6 +411,8 @@ class StreamWorker:
     async def tick(self) -> None:
         """Idle flush: advance watermarks by the wall clock when the topics go quiet."""
         async with self.lock:
+            if self.app.rebalancing:  # states are being recovered: writing now would race them
+                return
             now = time.monotonic()
             for p, part in list(self.parts.items()):
                 if (part.last_event is not None
@@ -471,7 +456,7 @@ def create_app(opts: WorkerOptions):
     """The Faust app for ``opts``: topics declared once, one batching agent, two tables."""
     import faust
 
-    patch_faust_highwaters()
+    faust_patches.apply_all()
     data_dir = opts.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -490,7 +475,10 @@ def create_app(opts: WorkerOptions):
         topic_replication_factor=1,
         table_standby_replicas=0,
         recovery_consistency_check=False,
-        stream_wait_empty=False,
+        # A rebalance waits for the batch in flight: otherwise the table recovery that follows it
+        # could overwrite that batch's state writes with older changelog values while its offsets
+        # still get committed (found as lost impressions after a SIGKILL + restart).
+        stream_wait_empty=True,
         web_enabled=False,
         producer_linger_ms=5,
     )
@@ -513,7 +501,7 @@ def create_app(opts: WorkerOptions):
     @app.agent(source, name="join")
     async def join(stream):
         async for events in stream.take_events(opts.batch_size, opts.batch_within_s):
-            await worker.handle_batch(events)
+            await worker.process_batch(events)
 
     @app.timer(max(0.1, min(1.0, opts.idle_s / 4)), name="idle_flush")
     async def idle_flush():
@@ -526,7 +514,7 @@ def create_app(opts: WorkerOptions):
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender, revoked, **kwargs):
-        worker.reset()
+        await worker.quiesce()
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender, assigned, **kwargs):

@@ -282,7 +282,11 @@ class Joiner:
         if event_type == "impression" and outcome == APPLIED:
             for o in st.attach_orphans(data["request_id"], self.cfg):
                 self.stats[o] += 1
-        self._schedule(st.user_id, st.next_deadline(self.cfg))
+            # only this request's deadline is new; an earlier scheduled one stays (and re-plans)
+            self._schedule(st.user_id, st.pending[data["request_id"]]["ts"] + self.cfg.close_after_ms)
+        elif st.user_id not in self._scheduled:
+            # a label only adds a deadline; one already scheduled recomputes the rest when it fires
+            self._schedule(st.user_id, st.next_deadline(self.cfg))
         return outcome
 
     def advance(self, watermark: int) -> list[Sample]:

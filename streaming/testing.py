@@ -36,17 +36,18 @@ class WorkerProcess:
     """``oneranker stream`` as a child process (so tests can SIGKILL it)."""
 
     def __init__(self, bootstrap: str, app_id: str, suffix: str, home: Path, args: Iterable[str] = (),
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, worker_id: str = "w"):
         self.bootstrap, self.app_id, self.suffix, self.home = bootstrap, app_id, suffix, Path(home)
         self.args = list(args)
-        self.log_path = log_path or self.home / f"{app_id}.log"
+        self.worker_id = worker_id
+        self.log_path = log_path or self.home / f"{app_id}-{worker_id}.log"
         self.proc: subprocess.Popen | None = None
-        self.data_dir = self.home / "stream" / f"{app_id}-w"
+        self.data_dir = self.home / "stream" / f"{app_id}-{worker_id}"
 
     def start(self) -> "WorkerProcess":
         env = {**os.environ, "ONERANKER_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "oneranker.cli", "stream", "--bootstrap-servers", self.bootstrap,
-               "--app-id", self.app_id, "--topic-suffix", self.suffix, "--worker-id", "w",
+               "--app-id", self.app_id, "--topic-suffix", self.suffix, "--worker-id", self.worker_id,
                *self.args]
         self.home.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")

@@ -1,0 +1,163 @@
+"""Two targeted fixes to faust-streaming 0.15.3 internals, applied by ``create_app``.
+
+1. ``highwaters`` (correctness, Tansu): Tansu's ListOffsets answer is too low when batches hold
+   several records, which would end Faust's changelog recovery early; the consumer's high
+   watermarks are read from a fetch response instead (DESIGN §8).
+
+2. ``_drain_messages`` (speed): Faust hands every fetched message to the conductor through
+   ``wait_first(callback(message), suspend_flow.wait())``: two new tasks and an ``asyncio.wait``
+   per message, so that a rebalance can interrupt a delivery. Profiled on this machine that is
+   about two thirds of a no-op agent's time per message (a no-op agent: 3.6k → 10.5k events/s
+   with the patch, same run). The patched loop checks the flag before each delivery and awaits
+   the callback directly. A rebalance stops the flow (``consumer.stop_flow``) before it
+   suspends the app's flow control, so a delivery never starts into a suspended flow; the rest
+   of a fetch seen after the stop is dropped, exactly as before (it is fetched again after the
+   seek to the committed offsets).
+
+Both are version-pinned: a different Faust version gets neither and a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+FAUST_VERSION = "0.15.3"
+
+
+def _version_ok(name: str) -> bool:
+    import faust
+
+    if faust.__version__ != FAUST_VERSION:
+        log.warning("faust %s, not %s: not applying the %s patch", faust.__version__, FAUST_VERSION, name)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. High watermarks from a fetch response
+
+
+async def fetch_highwaters(consumer, partitions) -> dict:
+    """{tp: high watermark} as a fetch response reports it (correct on Tansu too)."""
+    import aiokafka
+    from aiokafka.structs import TopicPartition
+
+    tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+    if not tps:
+        return {}
+    low = await consumer.end_offsets(tps)
+    probe = aiokafka.AIOKafkaConsumer(bootstrap_servers=consumer._client._bootstrap_servers,
+                                      enable_auto_commit=False, group_id=None,
+                                      client_id="oneranker-highwater-probe")
+    await probe.start()
+    try:
+        probe.assign(tps)
+        for tp in tps:
+            probe.seek(tp, low[tp])
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            await probe.getmany(timeout_ms=100, max_records=1)
+            if all(probe.highwater(tp) is not None for tp in tps):
+                break
+        return {tp: max(low[tp], probe.highwater(tp) or 0) for tp in tps}
+    finally:
+        await probe.stop()
+
+
+def patch_highwaters() -> None:
+    from faust.transport.drivers import aiokafka as drv
+
+    if getattr(drv.AIOKafkaConsumerThread, "_oneranker_patched", False) or not _version_ok("highwaters"):
+        return
+
+    async def _highwaters(self, partitions):
+        consumer = self._ensure_consumer()
+        if self.consumer.in_transaction:
+            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
+        result = await fetch_highwaters(consumer, list(partitions))
+        by_key = {(k.topic, k.partition): v for k, v in result.items()}
+        return {tp: by_key[(tp.topic, tp.partition)] for tp in partitions}
+
+    drv.AIOKafkaConsumerThread._highwaters = _highwaters
+    drv.AIOKafkaConsumerThread._oneranker_patched = True
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Message delivery without two tasks per message
+
+
+async def _drain_messages(self, fetcher) -> None:  # pragma: no cover (runs in the worker)
+    """faust.transport.consumer.Consumer._drain_messages (0.15.3) with the per-message
+    ``wait_first`` replaced by a flag check; everything else as upstream."""
+    from faust.transport.consumer import CONSUMER_FETCHING
+
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    flow_suspended = self.suspend_flow.is_set
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            self.diag.set_flag(CONSUMER_FETCHING)
+            ait = getmany(timeout=1.0)
+            await self.sleep(0)
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if flow_suspended():
+                            break  # a rebalance: the rest is fetched again after the seek
+                        await callback(message)
+                        set_read_offset(tp, offset)
+            self.diag.unset_flag(CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+def patch_drain() -> None:
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer, "_oneranker_drain_patched", False) or not _version_ok("drain"):
+        return
+    Consumer._drain_messages = _drain_messages
+    Consumer._oneranker_drain_patched = True
+
+
+def apply_all() -> None:
+    patch_highwaters()
+    patch_drain()
