@@ -54,9 +54,22 @@ def _to(batch: dict, dev: torch.device) -> dict:
     return {k: v.to(dev) for k, v in batch.items()}
 
 
+def clip_groups(model) -> list[list[torch.nn.Parameter]]:
+    """Parameter groups clipped separately: the ranker (Step 3 / the cascade's MLP) and the rest.
+    One shared norm would let the ranking losses' gradients eat the generator's step size."""
+    ranker = getattr(model, "ranker", None) or (model.mlp if isinstance(model, Cascade) else None)
+    if ranker is None:
+        return [list(model.parameters())]
+    rid = {id(p) for p in ranker.parameters()}
+    if isinstance(model, Cascade):
+        rid |= {id(p) for p in model.device_emb.parameters()}
+    return [[p for p in model.parameters() if id(p) in rid], [p for p in model.parameters() if id(p) not in rid]]
+
+
 def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: torch.Tensor,
-          progress=None, label: str = "") -> dict:
-    """Train ``model`` for ``epochs`` passes over ``chunks``. Returns last-epoch mean loss parts."""
+          progress=None, label: str = "", on_epoch=None) -> dict:
+    """Train ``model`` for ``epochs`` passes over ``chunks``. Returns last-epoch mean loss parts.
+    ``on_epoch(epoch, parts)`` is called after every epoch (validation curves)."""
     if isinstance(model, Popularity):
         return {}
     torch.manual_seed(seed)
@@ -71,6 +84,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     task = progress.add_task(label, total=total) if progress is not None else None
     parts_sum: dict[str, float] = {}
+    groups = clip_groups(model)
     model.train()
     for ep in range(epochs):
         if isinstance(model, OneRanker):
@@ -87,13 +101,14 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
                         pool = torch.randint(2, cfg.num_items, (min(512, cfg.num_items),), device=dev,
                                              generator=gen)
                     out = model(batch["user"], batch["items"], batch["actions"], batch["times"],
-                                batch["pos"], batch["device"], batch["cand"], pool)
+                                batch["pos"], batch["device"], batch["cand"], pool, retrieve=cfg.rank_retrieved)
                     loss, parts = oneranker_loss(model, out, batch, log_q, gen)
                 else:
                     loss, parts = model.loss(batch, log_q, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group in groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.clip_norm)
             opt.step()
             sched.step()
             for k, v in parts.items():
@@ -101,6 +116,9 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
             if task is not None:
                 progress.update(task, advance=1, description=f"{label} ep{ep + 1} " +
                                 " ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+        if on_epoch is not None:
+            on_epoch(ep, parts_sum)
+            model.train()
     return parts_sum  # no refresh after the last epoch: evaluate with the fake items it trained with
 
 
@@ -153,9 +171,13 @@ def evaluate_model(model, held_batches: list[dict], dev: torch.device) -> dict:
 
 def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "all", preset: str = "small",
                   epochs: int = 3, device: str = "auto", out: str | None = None, seed: int = 0,
-                  limit: int | None = None, threads: int = 2, show: bool = True, **overrides) -> dict:
+                  limit: int | None = None, threads: int = 2, show: bool = True, split: str = "test",
+                  curves: bool = False, **overrides) -> dict:
     """Train and evaluate every model in ``models`` (comma list, or 'all') under one budget; print a
-    table; write JSON to ``out``. Returns the result dict."""
+    table; write JSON to ``out``. Returns the result dict.
+
+    ``split="valid"`` drops every user's last request first, so each user's second-to-last request
+    is held out: tune there, report on "test". ``curves`` evaluates after every epoch."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -169,6 +191,13 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
         [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models))
     console = Console(quiet=not show, width=200)
     requests, catalog = load_requests(dataset, seed=seed, limit=limit)
+    if split == "valid":
+        last: dict[str, tuple] = {}
+        for r in requests:
+            last[r.user_id] = max(last.get(r.user_id, (r.ts, r.request_id)), (r.ts, r.request_id))
+        requests = [r for r in requests if (r.ts, r.request_id) != last[r.user_id]]
+    elif split != "test":
+        raise ValueError(f"split must be test or valid, not {split!r}")
     items, users = IdMap(), IdMap()
     cfg0 = make_preset(preset, **overrides)
     streams, held = build_streams(requests, catalog, items, users, n_targets=cfg0.n_targets, seed=seed)
@@ -191,6 +220,7 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
                   f"{len(chunks)} sequences, {len(held)} held-out requests, {len(items) - 2} ads; "
                   f"preset={preset} epochs={epochs} device={dev}")
     results: dict = {"dataset": dataset, "preset": preset, "epochs": epochs, "seed": seed, "device": str(dev),
+                     "split": split,
                      "config": {k: v for k, v in cfg.to_dict().items()}, "n_train_requests":
                      sum(len(s.queries) for s in streams), "n_heldout": len(held), "models": {}}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -203,10 +233,21 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
             if isinstance(model, Popularity):
                 model.fit(clicks)
             t0 = time.time()
-            parts = train(model, chunks, getattr(model, "cfg", cfg), epochs, dev, seed, log_q, progress, name)
+            curve = []
+
+            def on_epoch(ep, parts, model=model, name=name, curve=curve):
+                r = evaluate_model(model, held_batches, dev) if curves else {}
+                curve.append({"epoch": ep + 1, **{k: round(v, 4) for k, v in parts.items()},
+                              **{k: round(r[k], 4) for k in ("hr@10", "ndcg@10", "vndcg@10", "gauc") if k in r}})
+                if curves:
+                    progress.console.print(f"  {name} " + " ".join(f"{k}={v}" for k, v in curve[-1].items()))
+
+            parts = train(model, chunks, getattr(model, "cfg", cfg), epochs, dev, seed, log_q, progress, name,
+                          on_epoch)
             t1 = time.time()
             r = evaluate_model(model, held_batches, dev)
             r["train_loss"] = parts
+            r["curve"] = curve
             r["train_seconds"] = round(t1 - t0, 1)
             r["eval_seconds"] = round(time.time() - t1, 1)
             r["params"] = sum(p.numel() for p in model.parameters())
@@ -250,6 +291,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N interactions/requests only")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--split", default="test", choices=["test", "valid"],
+                   help="valid: hold out each user's second-to-last request (for tuning)")
+    p.add_argument("--curves", action="store_true", help="evaluate after every epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set gamma=0.5 (applies to every model)")
     a = p.parse_args(argv)
@@ -257,7 +301,8 @@ def main(argv=None) -> None:
     for kv in a.set:
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
-    evaluate_main(a.dataset, a.models, a.preset, a.epochs, a.device, a.out, a.seed, a.limit, a.threads, **overrides)
+    evaluate_main(a.dataset, a.models, a.preset, a.epochs, a.device, a.out, a.seed, a.limit, a.threads,
+                  split=a.split, curves=a.curves, **overrides)
 
 
 if __name__ == "__main__":

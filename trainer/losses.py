@@ -59,6 +59,30 @@ def dc_loss(rank_score: torch.Tensor, gen_score: torch.Tensor, valid: torch.Tens
     return (ce * rows).sum() / rows.sum().clamp(min=1)
 
 
+def retrieved_list_loss(score: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                        valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-entropy over each query's retrieved list: Step 3 trained as the reranker it
+    is at inference. score/ids [..., n], targets [..., n_t] (0 = none), valid [...] queries.
+
+    Every target found in its query's list is a positive whose denominator leaves the other
+    targets out. Queries whose targets were not retrieved add nothing: inference never reranks
+    them, and appending the missed target would teach that a low generator score means a click.
+    Returns (loss, fraction of valid queries with a retrieved target)."""
+    hit = (ids.unsqueeze(-1) == targets.unsqueeze(-2)) & (targets > 0).unsqueeze(-2)  # [..., n, n_t]
+    any_pos = hit.any(-1)  # [..., n]
+    neg = torch.finfo(score.dtype).min / 4
+    total, count = score.new_zeros(()), score.new_zeros(())
+    for t in range(targets.shape[-1]):
+        h = hit[..., t]  # [..., n]
+        present = h.any(-1) & valid
+        logits = score.masked_fill(any_pos & ~h, neg)  # other positives are not negatives
+        nll = torch.logsumexp(logits, -1) - (score * h).sum(-1)
+        total = total + (nll * present).sum()
+        count = count + present.sum()
+    covered = (any_pos.any(-1) & valid).sum() / valid.sum().clamp(min=1)
+    return total / count.clamp(min=1), covered
+
+
 def head_stages(cfg) -> list[tuple[int, bool]]:
     """(funnel stage, value-weighted) of each Step-2 head; a single head when tasks are coupled."""
     heads = [(s, False) for s in cfg.stages()] + [(3, True)] * cfg.n_value_tasks
@@ -114,7 +138,15 @@ def oneranker_loss(model, out: dict, batch: dict, log_q: torch.Tensor,
         parts["ctr"] = bce(out["ctr"], click, valid & exposed)
         parts["cvr"] = bce(out["cvr"], conv, valid & exposed & (click > 0))
         loss = loss + cfg.beta * (parts["rank"] + parts["ctr"] + parts["cvr"])
+        if "ret_score" in out:  # Step 3 on the generator's own retrieval (see OneRanker.retrieve)
+            qv = batch["pos_valid"]
+            parts["list"], parts["list_cover"] = retrieved_list_loss(
+                out["ret_score"], out["ret_cand"], batch["targets"][:, :, 1], qv)
+            loss = loss + cfg.list_weight * parts["list"]
         if cfg.use_dc_loss:
             parts["dc"] = dc_loss(out["score"], out["gen_cand"].mean(2), valid, cfg.tau)
+            if "ret_score" in out:  # consistency where it is measured: on the retrieved lists
+                rv = (out["ret_cand"] > 1) & batch["pos_valid"].unsqueeze(-1)
+                parts["dc"] = 0.5 * (parts["dc"] + dc_loss(out["ret_score"], out["ret_gen"].mean(2), rv, cfg.tau))
             loss = loss + cfg.gamma * parts["dc"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}

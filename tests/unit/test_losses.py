@@ -63,3 +63,25 @@ def test_dc_restricts_to_valid_candidates():
     g2 = g.clone()
     g2[0, 2:] += 100.0
     assert torch.allclose(a, dc_loss(s, g2, valid))
+
+
+def test_retrieved_list_loss_is_softmax_ce_on_retrieved_positives_only():
+    from trainer.losses import retrieved_list_loss
+
+    score = torch.tensor([[[2.0, 0.5, -1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])  # [1, 2 queries, 4]
+    ids = torch.tensor([[[5, 6, 7, 8], [5, 6, 7, 8]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    # query 0: target 6 retrieved; query 1: target 9 was not retrieved → no contribution
+    tg = torch.tensor([[[6, 0], [9, 0]]])
+    loss, cover = retrieved_list_loss(score, ids, tg, valid)
+    assert torch.allclose(loss, F.cross_entropy(score[0, :1], torch.tensor([1])))
+    assert cover == 0.5
+    # two positives: each one's denominator leaves the other out
+    tg2 = torch.tensor([[[6, 5], [0, 0]]])
+    loss2, _ = retrieved_list_loss(score, ids, tg2, valid)
+    a = F.cross_entropy(score[0, 0, 1:].unsqueeze(0), torch.tensor([0]))  # 6 vs {7, 8}
+    b = F.cross_entropy(score[0, 0, [0, 2, 3]].unsqueeze(0), torch.tensor([0]))  # 5 vs {7, 8}
+    assert torch.allclose(loss2, (a + b) / 2)
+    score.requires_grad_(True)
+    retrieved_list_loss(score, ids, tg, valid)[0].backward()
+    assert not score.grad[0, 1].any()  # the uncovered query gets no gradient

@@ -176,3 +176,39 @@ def test_seen_in_history_respects_the_query_position():
     cand = torch.tensor([[[5, 7, 9], [5, 7, 9]]])
     seen = OneRanker.seen_in_history(items, pos, cand)
     assert seen.tolist() == [[[True, False, False], [True, True, False]]]
+
+
+def test_retrieved_training_lists_are_inference_retrieval_scored_by_step3():
+    m = model()
+    b = _batch(m.cfg)
+    out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"], retrieve=6)
+    ret = out["ret_cand"]  # [B, P, 6]
+    assert ret.shape == (2, 3, 6) and out["ret_score"].shape == ret.shape and out["ret_gen"].shape[-1] == 6
+    assert out["score"].shape == b["cand"].shape and torch.equal(out["cand"], b["cand"])  # slate untouched
+    assert (ret >= 2).all()
+    # never an item of the history the query sees (inference masks the user's seen items too)
+    L = b["items"].shape[1]
+    for bi in range(2):
+        for p in range(3):
+            visible = set(b["items"][bi, max(0, 0):int(b["pos"][bi, p])].tolist()) - {0}
+            assert not visible & set(ret[bi, p].tolist())
+    # the generator's own top: bagged Step-2 scores of the list beat every other eligible item's
+    task, st = out["task"], out["s_target"]
+    g = m.corpus_scores(task, st).mean(2)
+    kth = g.gather(-1, ret).min(-1).values
+    assert torch.allclose(out["ret_gen"].mean(2), g.gather(-1, ret), atol=1e-5)
+    assert (g.gather(-1, ret[..., :1]) >= kth.unsqueeze(-1)).all()
+    # Step 3 scores them exactly as it scores any candidate list (candidates are independent)
+    out2 = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], ret)
+    assert torch.allclose(out2["score"], out["ret_score"], atol=1e-5)
+    log_q = torch.full((40,), -torch.log(torch.tensor(38.0)))
+    b["targets"][:, :, 1, 0] = ret[:, :, 2]  # make the click target retrievable
+    loss, parts = oneranker_loss(m, out, b, log_q)
+    assert torch.isfinite(loss) and parts["list"] > 0 and parts["list_cover"] == 1.0
+
+
+def test_gen_only_has_no_retrieved_training_lists():
+    m = model(use_step3=False, use_dc_loss=False)
+    b = _batch(m.cfg)
+    out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"], retrieve=6)
+    assert "ret_cand" not in out and "score" not in out

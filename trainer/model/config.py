@@ -49,8 +49,14 @@ class OneRankerConfig:
     # items among the step's sampled negatives (label 0): Step 3 then also learns to judge the kind
     # of list retrieval hands it at inference, not only popularity-sampled exposures.
     rank_hard_negatives: int = 0
+    # Step-3 training on the generator's own top-N retrieval per query (listwise softmax toward
+    # the request's clicked items, only where retrieval found them): the lists Step 3 reranks at
+    # inference. 0 = off. The evaluate harness passes it to OneRanker.forward(retrieve=...).
+    rank_retrieved: int = 0
+    list_weight: float = 1.0
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
+    clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups
     weight_decay: float = 0.0
     batch_size: int = 64
 

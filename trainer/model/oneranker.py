@@ -76,12 +76,27 @@ class OneRanker(nn.Module):
         return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen, state, gen)
 
     # --- forward --------------------------------------------------------------------------
-    def forward(self, user, items, actions, times, pos, device, cand=None, pool=None) -> dict:
+    @torch.no_grad()
+    def retrieve(self, task, s_target, items, pos, n: int) -> torch.Tensor:
+        """The generator's top-n items per query, as inference retrieves them (bagged heads over
+        the whole corpus, padding/OOV and items already in the visible history excluded):
+        task [B,P,T,d], s_target [B,P,T,k], items [B,L], pos [B,P] → ids [B,P,n]."""
+        g = self.corpus_scores(task, s_target).mean(2)  # [B,P,N]
+        B, P, N = g.shape
+        L = items.shape[1]
+        visible = (torch.arange(1, L + 1, device=items.device).view(1, 1, L) <= pos.unsqueeze(-1)).float()
+        seen = torch.zeros_like(g).scatter_add_(2, items.unsqueeze(1).expand(B, P, L), visible) > 0
+        seen[..., :2] = True
+        return g.masked_fill(seen, float("-inf")).topk(min(n, N - 2), dim=-1).indices
+
+    def forward(self, user, items, actions, times, pos, device, cand=None, pool=None, retrieve: int = 0) -> dict:
         """user [B], items/actions [B,L], times [B,L], pos [B,P], device [B,P], cand [B,P,C] →
         dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C]).
 
         ``pool`` [M] (training): item ids from which the cfg.rank_hard_negatives best-scored by the
-        generator (not already candidates) are appended to cand; out["cand"] is the final list."""
+        generator (not already candidates) are appended to cand; out["cand"] is the final list.
+        ``retrieve`` = n (training): Step 3 also scores the generator's own top-n retrieval per query
+        (the lists it reranks at inference): ret_cand [B,P,n], ret_gen [B,P,T,n], ret_score [B,P,n]."""
         mem, mask = self.encode(user, items, actions, times, pos, device)
         task, fake, s_target = self.step2(mem, mask)
         out = {"task": task, "fake": fake, "s_target": s_target}
@@ -92,14 +107,28 @@ class OneRanker(nn.Module):
                 g = g.masked_fill(taken, float("-inf"))
                 hard = pool[g.topk(self.cfg.rank_hard_negatives, dim=-1).indices]  # [B,P,E]
             cand = torch.cat([cand, hard * (cand[..., :1] > 0)], dim=-1)
+        n_ret = 0
+        if cand is not None and retrieve and self.ranker is not None:
+            ret = self.retrieve(task, s_target, items, pos, retrieve)
+            n_ret = ret.shape[-1]
+            out["ret_cand"] = ret
+            cand = torch.cat([cand, ret], dim=-1)  # one Step-3 call; split below
         if cand is not None:
-            out["cand"] = cand
-            out["gen_cand"] = self.step2.score_each(task, s_target, self.item_table[cand])
+            gen_cand = self.step2.score_each(task, s_target, self.item_table[cand])
             if self.ranker is not None:
                 s2 = torch.cat([task, fake], dim=2)
                 seen = self.seen_in_history(items, pos, cand)
-                gen = out["gen_cand"].mean(2).detach()
+                gen = gen_cand.mean(2).detach()
                 out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, seen, gen)
+            if n_ret:
+                C = cand.shape[-1] - n_ret
+                out["ret_gen"] = gen_cand[..., C:]
+                out["ret_score"] = out["score"][..., C:]
+                cand, gen_cand = cand[..., :C], gen_cand[..., :C]
+                for k in ("score", "ctr", "cvr"):
+                    out[k] = out[k][..., :C]
+            out["cand"] = cand
+            out["gen_cand"] = gen_cand
         return out
 
     def corpus_scores(self, task, s_target) -> torch.Tensor:
