@@ -22,7 +22,10 @@ it commits any offset, so a commit never covers an output that was not delivered
 confirmed by the broker before the states that mark their requests closed go to the changelog, so a
 restored state never claims a sample that was lost. A crash re-delivers the uncommitted events; the
 restored state dedupes them by event id, so re-emission can only repeat a sample with the same
-``sample_id``.
+``sample_id``. Two rules close the remaining holes: a rebalance waits for the batch in flight and
+flushes its writes before the table recovery reads the changelogs (a recovery reading an older
+value would silently undo acknowledged events), and a batch that fails is never acknowledged: the
+process exits and the restart re-reads it.
 
 Faust internals patched (streaming/faust_patches.py): high watermarks read from a fetch response
 (Tansu's ListOffsets is wrong), and message delivery without two asyncio tasks per message (speed).
@@ -442,7 +445,8 @@ class StreamWorker:
                "last_event_at": self.last_event_at, "last_batch_done_at": self.last_batch_done_at,
                "feast_rows": self.pusher.pushed_rows if self.pusher else 0,
                "feast_pending": len(self.pusher.pending) if self.pusher else 0,
-               "watermarks": {p: pt.joiner.watermark for p, pt in self.parts.items()}}
+               "watermarks": {p: pt.joiner.watermark for p, pt in self.parts.items()},
+               "rebalances": getattr(self.app, "rebalancing_count", 0)}
         try:
             d.mkdir(parents=True, exist_ok=True)
             tmp = d / "stats.json.tmp"

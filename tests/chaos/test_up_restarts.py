@@ -55,12 +55,9 @@ def test_killing_services_during_up_does_not_stop_the_demo(tmp_path):
     assert summary["freshness"]["served"] > 0
     out = (tmp_path / "up.log").read_text()
     assert "serve-1: top-10 ads" in out and "serve-2: top-10 ads" in out
-    assert summary["requests"] == 4000 and summary["samples"] <= 4000
-    if summary["samples"] < summary["requests"]:
-        # Seen once in CI: 3,998 of 4,000 samples, with 4 labels whose impressions never reached the
-        # restarted worker (orphan_dropped) - the stream worker can lose events it had acknowledged
-        # when SIGKILLed mid-batch. A known bug of the worker (issue 3), reported, not hidden.
-        pytest.xfail(f"stream worker lost {summary['requests'] - summary['samples']} samples across a SIGKILL")
+    # every request's sample, across a SIGKILL of the stream worker (once lost 2 of 4,000 here:
+    # rebalances raced the table recovery; fixed in streaming/app.py, see test_stream_crash.py)
+    assert summary["requests"] == 4000 and summary["samples"] == 4000, summary
 
 
 def _gone(pid: int) -> bool:
