@@ -101,7 +101,8 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
                         pool = torch.randint(2, cfg.num_items, (min(512, cfg.num_items),), device=dev,
                                              generator=gen)
                     out = model(batch["user"], batch["items"], batch["actions"], batch["times"],
-                                batch["pos"], batch["device"], batch["cand"], pool, retrieve=cfg.rank_retrieved)
+                                batch["pos"], batch["device"], batch["cand"], pool, retrieve=cfg.rank_retrieved,
+                                ret_targets=batch["targets"][:, :, 1] if cfg.rank_retrieved_covered_only else None)
                     loss, parts = oneranker_loss(model, out, batch, log_q, gen)
                 else:
                     loss, parts = model.loss(batch, log_q, gen)

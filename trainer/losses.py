@@ -140,13 +140,16 @@ def oneranker_loss(model, out: dict, batch: dict, log_q: torch.Tensor,
         loss = loss + cfg.beta * (parts["rank"] + parts["ctr"] + parts["cvr"])
         if "ret_score" in out:  # Step 3 on the generator's own retrieval (see OneRanker.retrieve)
             qv = batch["pos_valid"]
+            sel = out.get("ret_sel", torch.ones_like(qv))  # queries Step 3 scored the list of
             parts["list"], parts["list_cover"] = retrieved_list_loss(
-                out["ret_score"], out["ret_cand"], batch["targets"][:, :, 1], qv)
+                out["ret_score"], out["ret_cand"], batch["targets"][:, :, 1], qv & sel)
+            if "ret_sel" in out:
+                parts["list_cover"] = (sel & qv).sum() / qv.sum().clamp(min=1)
             loss = loss + cfg.list_weight * parts["list"]
         if cfg.use_dc_loss:
             parts["dc"] = dc_loss(out["score"], out["gen_cand"].mean(2), valid, cfg.tau)
             if "ret_score" in out:  # consistency where it is measured: on the retrieved lists
-                rv = (out["ret_cand"] > 1) & batch["pos_valid"].unsqueeze(-1)
+                rv = (out["ret_cand"] > 1) & (batch["pos_valid"] & sel).unsqueeze(-1)
                 parts["dc"] = 0.5 * (parts["dc"] + dc_loss(out["ret_score"], out["ret_gen"].mean(2), rv, cfg.tau))
             loss = loss + cfg.gamma * parts["dc"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}

@@ -86,3 +86,31 @@ def test_evaluate_main_smoke(tmp_path):
     assert 0 <= r["hr@10"] <= 1 and "overlap@10" in r["consistency"]
     assert "consistency" not in data["models"]["oneranker-gen-only"]
     assert res["models"]["popularity"]["logloss"] is None
+
+
+def test_valid_split_holds_out_the_second_to_last_request_and_never_trains_on_the_last(tmp_path):
+    reqs, _ = load_requests("synthetic", limit=600)
+    by_user = {}
+    for r in sorted(reqs, key=lambda r: (r.ts, r.request_id)):
+        by_user.setdefault(r.user_id, []).append(r)
+    res = evaluate_main("synthetic", "popularity", "tiny", epochs=1, device="cpu", seed=0, limit=600, show=False,
+                        split="valid")
+    assert res["split"] == "valid"
+    # every user with ≥ 3 requests is held out on its second-to-last one, and the last is gone
+    assert res["n_heldout"] == sum(len(v) >= 3 for v in by_user.values())
+    assert res["n_train_requests"] + res["n_heldout"] == len(reqs) - len(by_user)
+
+
+def test_ranker_and_generator_are_clipped_separately():
+    from trainer.evaluate import clip_groups
+    from trainer.model.baselines import Cascade, SASRec
+    from trainer.model.config import preset
+    from trainer.model.oneranker import OneRanker
+
+    cfg = preset("tiny", num_items=40, num_users=10)
+    m = OneRanker(cfg)
+    ranker, rest = clip_groups(m)
+    assert {id(p) for p in ranker} == {id(p) for p in m.ranker.parameters()}
+    assert len(ranker) + len(rest) == len(list(m.parameters()))
+    assert len(clip_groups(OneRanker(cfg.replace(use_step3=False)))) == 1
+    assert len(clip_groups(SASRec(cfg))) == 1 and len(clip_groups(Cascade(cfg))) == 2

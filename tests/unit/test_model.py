@@ -212,3 +212,27 @@ def test_gen_only_has_no_retrieved_training_lists():
     b = _batch(m.cfg)
     out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"], retrieve=6)
     assert "ret_cand" not in out and "score" not in out
+
+
+def test_retrieved_lists_of_covered_queries_only_match_the_full_pass():
+    m = model()
+    b = _batch(m.cfg)
+    args = (b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"])
+    full = m(*args, retrieve=6)
+    tg = torch.zeros(2, 3, 2, dtype=torch.long)
+    tg[0, 1, 0] = full["ret_cand"][0, 1, 3]  # one covered query
+    tg[1, 2, 1] = full["ret_cand"][1, 2, 0]  # and another via its second target
+    tg[1, 0, 0] = 39 if 39 not in full["ret_cand"][1, 0].tolist() else 0  # not retrieved
+    sub = m(*args, retrieve=6, ret_targets=tg)
+    assert sub["ret_sel"].tolist() == [[False, True, False], [False, False, True]]
+    for bi, p in ((0, 1), (1, 2)):
+        assert torch.allclose(sub["ret_score"][bi, p], full["ret_score"][bi, p], atol=1e-5)
+        assert torch.allclose(sub["ret_gen"][bi, p], full["ret_gen"][bi, p], atol=1e-5)
+    assert not sub["ret_score"][~sub["ret_sel"]].any()
+    assert torch.allclose(sub["score"], full["score"], atol=1e-6)  # slates unaffected
+    b["targets"][:, :, 1] = tg
+    log_q = torch.full((40,), -torch.log(torch.tensor(38.0)))
+    l1, p1 = oneranker_loss(m, full, b, log_q)
+    b2 = dict(b)
+    l2, p2 = oneranker_loss(m, sub, b2, log_q)
+    assert abs(p1["list"] - p2["list"]) < 1e-5 and abs(p2["list_cover"] - 2 / 6) < 1e-6

@@ -54,6 +54,7 @@ class OneRankerConfig:
     # inference. 0 = off. The evaluate harness passes it to OneRanker.forward(retrieve=...).
     rank_retrieved: int = 0
     list_weight: float = 1.0
+    rank_retrieved_covered_only: bool = True  # Step 3 on the lists holding a target only (cheaper)
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups

@@ -81,7 +81,8 @@ class OneRanker(nn.Module):
         """The generator's top-n items per query, as inference retrieves them (bagged heads over
         the whole corpus, padding/OOV and items already in the visible history excluded):
         task [B,P,T,d], s_target [B,P,T,k], items [B,L], pos [B,P] → ids [B,P,n]."""
-        g = self.corpus_scores(task, s_target).mean(2)  # [B,P,N]
+        # Scores are linear in (task, s_target): bag the heads first, score the corpus once.
+        g = self.corpus_scores(task.mean(2, keepdim=True), s_target.mean(2, keepdim=True))[:, :, 0]  # [B,P,N]
         B, P, N = g.shape
         L = items.shape[1]
         visible = (torch.arange(1, L + 1, device=items.device).view(1, 1, L) <= pos.unsqueeze(-1)).float()
@@ -89,14 +90,17 @@ class OneRanker(nn.Module):
         seen[..., :2] = True
         return g.masked_fill(seen, float("-inf")).topk(min(n, N - 2), dim=-1).indices
 
-    def forward(self, user, items, actions, times, pos, device, cand=None, pool=None, retrieve: int = 0) -> dict:
+    def forward(self, user, items, actions, times, pos, device, cand=None, pool=None, retrieve: int = 0,
+                ret_targets=None) -> dict:
         """user [B], items/actions [B,L], times [B,L], pos [B,P], device [B,P], cand [B,P,C] →
         dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C]).
 
         ``pool`` [M] (training): item ids from which the cfg.rank_hard_negatives best-scored by the
         generator (not already candidates) are appended to cand; out["cand"] is the final list.
         ``retrieve`` = n (training): Step 3 also scores the generator's own top-n retrieval per query
-        (the lists it reranks at inference): ret_cand [B,P,n], ret_gen [B,P,T,n], ret_score [B,P,n]."""
+        (the lists it reranks at inference): ret_cand [B,P,n], ret_gen [B,P,T,n], ret_score [B,P,n].
+        With ``ret_targets`` [B,P,n_t] only the queries whose list holds a target (ret_sel [B,P])
+        go through Step 3 (the only ones the list loss can use); ret_score is 0 elsewhere."""
         mem, mask = self.encode(user, items, actions, times, pos, device)
         task, fake, s_target = self.step2(mem, mask)
         out = {"task": task, "fake": fake, "s_target": s_target}
@@ -110,9 +114,12 @@ class OneRanker(nn.Module):
         n_ret = 0
         if cand is not None and retrieve and self.ranker is not None:
             ret = self.retrieve(task, s_target, items, pos, retrieve)
-            n_ret = ret.shape[-1]
             out["ret_cand"] = ret
-            cand = torch.cat([cand, ret], dim=-1)  # one Step-3 call; split below
+            if ret_targets is None:
+                n_ret = ret.shape[-1]
+                cand = torch.cat([cand, ret], dim=-1)  # one Step-3 call; split below
+            else:
+                out.update(self._rank_retrieved(mem, mask, task, fake, s_target, items, pos, ret, ret_targets))
         if cand is not None:
             gen_cand = self.step2.score_each(task, s_target, self.item_table[cand])
             if self.ranker is not None:
@@ -130,6 +137,24 @@ class OneRanker(nn.Module):
             out["cand"] = cand
             out["gen_cand"] = gen_cand
         return out
+
+    def _rank_retrieved(self, mem, mask, task, fake, s_target, items, pos, ret, targets) -> dict:
+        """Step 3 on the retrieved lists ret [B,P,n] of the queries whose list holds a target only:
+        the selected queries become a batch of their own (H1 gathered per query)."""
+        sel = ((ret.unsqueeze(-1) == targets.unsqueeze(-2)) & (targets > 0).unsqueeze(-2)).any(-1).any(-1)
+        bi, pi = sel.nonzero(as_tuple=True)
+        sub_mem = (mem[0][bi, pi].unsqueeze(1), mem[1][bi], mem[2][bi, pi].unsqueeze(1))
+        sub_mask = (mask[0][bi, pi].unsqueeze(1), mask[1][bi, pi].unsqueeze(1))
+        t, st = task[bi, pi].unsqueeze(1), s_target[bi, pi].unsqueeze(1)
+        c = ret[bi, pi].unsqueeze(1)  # [n,1,r]
+        gen = self.step2.score_each(t, st, self.item_table[c])  # [n,1,T,r]
+        s2 = torch.cat([t, fake[bi, pi].unsqueeze(1)], dim=2)
+        seen = self.seen_in_history(items[bi], pos[bi, pi].unsqueeze(1), c)
+        score = self.rank(sub_mem, sub_mask, s2, c, seen, gen.mean(2).detach())[0][:, 0]  # [n,r]
+        B, P, r = ret.shape
+        full = score.new_zeros(B, P, r).index_put((bi, pi), score)
+        full_gen = gen.new_zeros(B, P, gen.shape[2], r).index_put((bi, pi), gen[:, 0])
+        return {"ret_sel": sel, "ret_score": full, "ret_gen": full_gen}
 
     def corpus_scores(self, task, s_target) -> torch.Tensor:
         """Dual-channel scores over the whole item table: [B,P,T,num_items]."""
