@@ -107,7 +107,29 @@ def bench_train_cmd(
                 threads, str(out) if out else None)
 
 
+def bench_keepup_cmd(
+    dataset: str = typer.Option("movielens-100k", help="Dataset whose samples are replayed."),
+    speed: float = typer.Option(100000.0, help="Replay speed (event-time compression), as `oneranker produce`."),
+    threads: str = typer.Option("1,2", help="Comma list of torch thread counts; one replay each."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N requests."),
+    out: Path = typer.Option(Path("trainer/results/keepup_cpu.json"), help="Write JSON here."),
+    metrics_every_s: float = typer.Option(2.0, help="The trainer's metrics cadence (the lag's resolution)."),
+    drain_timeout_s: float = typer.Option(300.0, help="After the replay, wait at most this long for the "
+                                          "trainer to catch up."),
+    bootstrap_servers: Optional[str] = typer.Option(None, "--bootstrap-servers",
+                                                    help="Use this broker (default: start an embedded one)."),
+) -> None:
+    """Whether the trainer keeps up with the replay: publish the dataset's samples paced at --speed
+    into a fresh topic, run `oneranker train` (CPU, defaults) on it, record the lag (produced −
+    learned) over time per thread count with the load average; prints tables, writes JSON."""
+    from trainer.keepup import keepup
+
+    keepup(dataset, speed, tuple(int(x) for x in threads.split(",") if x.strip()), limit, bootstrap_servers,
+           str(out), metrics_every_s, drain_timeout_s)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
     bench_app.command("train")(bench_train_cmd)
+    bench_app.command("keepup")(bench_keepup_cmd)

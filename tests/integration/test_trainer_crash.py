@@ -90,3 +90,18 @@ def test_sigkill_three_times_learns_every_sample_once(broker, unique, tmp_path):
     finally:
         c.close()
     assert {k: v for k, v in committed.items() if v is not None} == ck.offsets
+
+
+def test_keepup_tool_measures_lag_against_a_real_trainer(broker, tmp_path):
+    """`oneranker bench keepup` end to end on a short replay: a trainer process learns every
+    published sample and the lag series ends at zero."""
+    from trainer.keepup import keepup
+
+    out = tmp_path / "keepup.json"
+    res = keepup(limit=600, threads=(1,), bootstrap=broker, out=str(out), metrics_every_s=0.5,
+                 drain_timeout_s=90, show=False)
+    (run,) = res["runs"]
+    assert run["drained"] and run["learned"] == run["samples"] == 600
+    assert run["series"] and run["series"][-1]["lag"] == 0
+    assert all(r["lag"] >= 0 for r in run["series"]) and run["samples_per_trainer_cpu_s"] > 0
+    assert out.exists()

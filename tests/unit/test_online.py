@@ -227,3 +227,24 @@ def test_prometheus_endpoint_serves_window_metrics():
     body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=5).read().decode()
     assert 'oneranker_trainer_prequential{metric="auc",window="w1000"} 0.61' in body
     assert "oneranker_trainer_samples_total 5.0" in body
+
+
+def test_keepup_summary_lag_and_verdict():
+    """Lag = produced − learned at each trainer metrics line; keeps up = rate while backlogged above
+    the arrival rate, and caught up soon after the replay ends."""
+    from trainer.keepup import summarize_run
+
+    produced_at = [100 + i / 1000 for i in range(10_000)]  # 1000 samples/s for 10 s
+    split = {"forward_s": 1.0, "learn_s": 2.0, "compute_s": 3.0, "poll_s": 1.0}
+
+    def run(learned):
+        metrics = [{"ts": t, "samples_learned": n, "mean_batch": 64.0, "time_s": split} for t, n in learned]
+        return summarize_run(1, 100.0, 110.0, produced_at, metrics, [(100.0, 1.5), (105.0, 2.5)], True, 10.0, "")
+
+    fast = run([(102, 1000), (104, 3200), (106, 5400), (108, 7600), (110, 9800), (111, 10_000)])
+    assert [x["lag"] for x in fast["series"]] == [1001, 801, 601, 401, 200, 0]
+    assert fast["learn_per_s_backlogged"] == 1100.0 and fast["produce_per_s"] == 1000.0
+    assert fast["lag_max"] == 1001 and fast["caught_up_after_replay_s"] == 1.0 and fast["keeps_up"]
+    assert fast["time_split"] == {"forward": 0.25, "learn": 0.5, "poll": 0.25} and fast["load1_max"] == 2.5
+    slow = run([(102, 1000), (104, 2800), (106, 4600), (108, 6400), (110, 8200), (112, 10_000)])
+    assert slow["lag_max"] == 1800 and slow["learn_per_s_backlogged"] == 900.0 and not slow["keeps_up"]
