@@ -85,6 +85,10 @@ def test_evaluate_main_smoke(tmp_path):
         assert k in r
     assert 0 <= r["hr@10"] <= 1 and "overlap@10" in r["consistency"]
     assert "consistency" not in data["models"]["oneranker-gen-only"]
+    # per-family peak lr (chosen on the validation split) unless --set lr overrides it
+    from trainer.evaluate import EVAL_LR
+    assert data["models"]["sasrec"]["lr"] == EVAL_LR["sasrec"] and r["lr"] == data["config"]["lr"]
+    assert data["config"]["rank_retrieved"] == 20 and r["train_loss"]["list_cover"] >= 0
     assert res["models"]["popularity"]["logloss"] is None
 
 

@@ -236,3 +236,17 @@ def test_retrieved_lists_of_covered_queries_only_match_the_full_pass():
     b2 = dict(b)
     l2, p2 = oneranker_loss(m, sub, b2, log_q)
     assert abs(p1["list"] - p2["list"]) < 1e-5 and abs(p2["list_cover"] - 2 / 6) < 1e-6
+
+
+def test_no_covered_query_is_a_zero_list_loss_not_an_error():
+    m = model()
+    m.train()
+    b = _batch(m.cfg)
+    tg = torch.zeros(2, 3, 2, dtype=torch.long)  # no targets at all
+    out = m(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"], b["cand"], retrieve=6,
+            ret_targets=tg)
+    assert not out["ret_sel"].any()
+    b["targets"][:, :, 1] = tg
+    loss, parts = oneranker_loss(m, out, b, torch.full((40,), -torch.log(torch.tensor(38.0))))
+    loss.backward()
+    assert torch.isfinite(loss) and parts["list"] == 0 and parts["list_cover"] == 0

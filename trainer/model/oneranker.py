@@ -143,6 +143,10 @@ class OneRanker(nn.Module):
         the selected queries become a batch of their own (H1 gathered per query)."""
         sel = ((ret.unsqueeze(-1) == targets.unsqueeze(-2)) & (targets > 0).unsqueeze(-2)).any(-1).any(-1)
         bi, pi = sel.nonzero(as_tuple=True)
+        B, P, r = ret.shape
+        if bi.numel() == 0:  # nothing to rerank in this batch
+            z = task.new_zeros(B, P, r)
+            return {"ret_sel": sel, "ret_score": z, "ret_gen": task.new_zeros(B, P, task.shape[2], r)}
         sub_mem = (mem[0][bi, pi].unsqueeze(1), mem[1][bi], mem[2][bi, pi].unsqueeze(1))
         sub_mask = (mask[0][bi, pi].unsqueeze(1), mask[1][bi, pi].unsqueeze(1))
         t, st = task[bi, pi].unsqueeze(1), s_target[bi, pi].unsqueeze(1)
@@ -151,7 +155,6 @@ class OneRanker(nn.Module):
         s2 = torch.cat([t, fake[bi, pi].unsqueeze(1)], dim=2)
         seen = self.seen_in_history(items[bi], pos[bi, pi].unsqueeze(1), c)
         score = self.rank(sub_mem, sub_mask, s2, c, seen, gen.mean(2).detach())[0][:, 0]  # [n,r]
-        B, P, r = ret.shape
         full = score.new_zeros(B, P, r).index_put((bi, pi), score)
         full_gen = gen.new_zeros(B, P, gen.shape[2], r).index_put((bi, pi), gen[:, 0])
         return {"ret_sel": sel, "ret_score": full, "ret_gen": full_gen}
