@@ -907,7 +907,8 @@ def c_crc32c_available() -> bool:
     without the check) — half of what the trainer can spend per sample at the replay's rate. Then
     the trainer skips the check, as librdkafka does by default (check.crcs=false): TCP checksums the
     hop, the broker checked the batch on produce, and most damage fails JSON decoding (counted as
-    invalid). ``pip install crc32c`` turns the check back on at C speed."""
+    invalid). The project now depends on ``crc32c`` (≈ 12 µs per sample with the check); this
+    fallback is for environments without it."""
     import importlib.util
 
     return importlib.util.find_spec("crc32c") is not None
