@@ -3,9 +3,12 @@
 Same datasets and ad layer as the replay tool (streaming.replay.adlayer.load_requests); split by
 time with each user's last request held out; histories built with features.tokens.TokenSequence
 (click and conversion tokens; impressions are popularity-sampled noise in the replayed datasets).
-Every model gets the same data, epochs, batch size and positions per sequence.
+Every model gets the same data, epochs, batch size and positions per sequence; the peak lr is per
+model family, each the best tried on the validation split (``--split valid``: every user's
+second-to-last request held out, the last one dropped), never on the test requests.
 
     python -m trainer.evaluate --dataset movielens-100k --models all --out eval.json
+    python -m trainer.evaluate --split valid --curves --models sasrec,oneranker   # tuning
 """
 
 from __future__ import annotations
