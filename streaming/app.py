@@ -5,9 +5,12 @@ same users and is processed by the same worker):
 
 * source: ``oneranker.impressions`` + ``oneranker.clicks`` + ``oneranker.conversions`` — one agent
   reads the three, in batches (``stream.take_events``).
-* table ``users`` (changelogged): one JSON ``UserState`` per user (streaming/joiner.py); table
-  ``clock``: the event-time watermark of each partition (``wm:<p>``), written after the users of a
-  batch, so a restored watermark never runs ahead of the restored states.
+* table ``users`` (changelogged): one JSON ``UserState`` per user (streaming/joiner.py), and under
+  the reserved key ``WATERMARK_KEY + <p>`` the event-time watermark of partition p, written after
+  the users of a batch INTO THE SAME changelog partition: Kafka keeps one partition's order, so a
+  restored watermark never runs ahead of the restored states. (It used to live in a table of its
+  own; a SIGKILL could deliver that topic's record but not the states', and re-delivered events
+  then expired behind a watermark that was too new.)
 * sinks: ``oneranker.samples`` (streaming/samples.py, key = user_id), ``oneranker.dlq`` (below),
   Feast online store (user_sequence + user_profile views, pushed in batches from a thread).
 
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = int(os.environ.get("ONERANKER_STREAM_METRICS_PORT", "9102"))
 DEFAULT_APP_ID = os.environ.get("ONERANKER_STREAM_APP_ID", "oneranker-stream")
+WATERMARK_KEY = "\x00wm:"  # + partition: no user id has it (the schemas refuse control characters)
 
 
 @dataclass
@@ -197,8 +201,8 @@ class _Partition:
 class StreamWorker:
     """Holds the per-partition joiners and does the I/O around them. Created by ``create_app``."""
 
-    def __init__(self, app, opts: WorkerOptions, users, clock_table, metrics: Metrics):
-        self.app, self.opts, self.users, self.clock_table = app, opts, users, clock_table
+    def __init__(self, app, opts: WorkerOptions, users, metrics: Metrics):
+        self.app, self.opts, self.users = app, opts, users
         self.metrics = metrics
         self.type_of_topic = opts.event_topics
         self.samples_topic = opts.topic(config.TOPIC_SAMPLES)
@@ -216,6 +220,7 @@ class StreamWorker:
     def reset(self) -> None:
         """After a rebalance the table is the truth again: rebuild joiners lazily."""
         self.parts.clear()
+        self.offsets.clear()  # another worker may have moved these partitions on meanwhile
 
     @staticmethod
     def _decode(raw):
@@ -230,11 +235,13 @@ class StreamWorker:
     def partition(self, p: int) -> _Partition:
         part = self.parts.get(p)
         if part is None:
-            raw = self.clock_table.get(f"wm:{p}")
+            raw = self.users.get(f"{WATERMARK_KEY}{p}")
             wm = int(raw) if raw else MIN_TS
             joiner = Joiner(self.opts.join, load=self._load, watermark=wm, partition=p)
             states, rows = [], {}
-            for _, raw_state in list(self.users.items()):
+            for key, raw_state in list(self.users.items()):
+                if key.startswith(WATERMARK_KEY):
+                    continue
                 d = self._decode(raw_state)
                 if not d or d.get("p") != p:
                     continue
@@ -260,14 +267,22 @@ class StreamWorker:
                        dict(d.get("profile") or {}))
 
     def _backlog(self, p: int):
-        """backlog(topic) for partition p: True while the consumer's fetch position is behind the
-        partition's high watermark (as the fetch responses report it: correct on Tansu too)."""
+        """backlog(topic) for partition p: True while this worker has not PROCESSED every record up to
+        the partition's high watermark (as the fetch responses report it: correct on Tansu too).
+
+        Not the consumer's fetch position: records handed to Faust's queues count as fetched long
+        before the agent sees them, so after a rebalance a topic whose backlog was still queued looked
+        idle, the watermark ran ahead on the other topics, and its events expired as too late (found
+        by the scale-out/in test). Until this worker has processed a record of a topic-partition, the
+        committed offset is where processing stands."""
         try:
             consumer = self.app.consumer._thread._ensure_consumer()
             assignment = consumer._fetcher._subscriptions.subscription.assignment
+            committed = self.app.consumer._committed_offset
         except Exception:
             return None
         from aiokafka.structs import TopicPartition
+        from faust.types import TP
 
         def backlog(topic: str) -> bool:
             try:
@@ -276,8 +291,11 @@ class StreamWorker:
                 return True
             if st is None:
                 return False  # not ours
-            hw, pos = st.highwater, st.position
-            return hw is None or pos is None or pos < hw
+            if st.highwater is None:
+                return True
+            done = self.offsets.get((topic, p))
+            next_offset = done + 1 if done is not None else (committed.get(TP(topic, p)) or 0)
+            return next_offset < st.highwater
 
         return backlog
 
@@ -405,7 +423,7 @@ class StreamWorker:
 
                     rows[uid] = UserRow(uid, st.seq.last(self.opts.join.history_len), dict(st.profile))
             # the watermark goes last: restored with it, every state it covers is restored too
-            self.clock_table[f"wm:{part.joiner.partition}"] = str(part.joiner.watermark).encode()
+            self.users[f"{WATERMARK_KEY}{part.joiner.partition}"] = str(part.joiner.watermark).encode()
             if rows:
                 self.pusher.offer(rows)
         finally:
@@ -496,10 +514,8 @@ def create_app(opts: WorkerOptions):
                                 value_serializer="raw")
     users = app.Table("users", default=None, schema=state_schema, partitions=opts.partitions,
                       help="user_id → UserState JSON (streaming/joiner.py)")
-    clock = app.Table("clock", default=None, schema=state_schema, partitions=opts.partitions,
-                      help="wm:<partition> → event-time watermark (ms)")
     metrics = Metrics(opts.metrics_port, config.settings().bind_host)
-    worker = StreamWorker(app, opts, users, clock, metrics)
+    worker = StreamWorker(app, opts, users, metrics)
     app.oneranker_worker = worker
 
     @app.agent(source, name="join")
