@@ -475,7 +475,7 @@ class StreamWorker:
 
 
 def create_app(opts: WorkerOptions):
-    """The Faust app for ``opts``: topics declared once, one batching agent, two tables."""
+    """The Faust app for ``opts``: topics declared once, one batching agent, one table."""
     import faust
 
     faust_patches.apply_all()

@@ -199,6 +199,7 @@ def print_table(result: dict) -> None:
     table.add_column("events/s (median)", justify="right")
     table.add_column("µs/event", justify="right")
     table.add_column("runs", justify="right")
+
     def us(rate: float) -> str:
         return f"{1e6 / rate:.1f}"
 

@@ -16,20 +16,17 @@ from kafka import KafkaConsumer, TopicPartition
 
 from oneranker import config
 from oneranker.kafka import make_producer
+from oneranker.polling import wait_for
 from streaming import events as contract
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.2,
                what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; raise TimeoutError at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
-        time.sleep(interval_s)  # polling interval, not synchronisation
+    """``wait_for`` that raises TimeoutError at the deadline instead of returning None."""
+    value = wait_for(predicate, timeout_s, interval_s)
+    if not value:
+        raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
+    return value
 
 
 class WorkerProcess:

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from oneranker import config
+from oneranker.polling import wait_for
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "keepup_cpu.json"
 
@@ -52,16 +53,6 @@ def _cpu_s(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _wait_for(pred, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval_s)
-    return None
 
 
 def encode(samples) -> list[tuple[bytes, bytes, int]]:
@@ -117,7 +108,7 @@ def run_once(raws, bootstrap: str, threads: int, workdir: Path, metrics_every_s:
     env = dict(os.environ, ONERANKER_HOME=str(run_dir / "home"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     try:
-        if not _wait_for(lambda: proc.poll() is not None or "assigned [" in log_path.read_text(), 90):
+        if not wait_for(lambda: proc.poll() is not None or "assigned [" in log_path.read_text(), 90, 0.1):
             raise RuntimeError(f"trainer did not join the group in 90 s: {log_path}")
         if proc.poll() is not None:
             raise RuntimeError(f"trainer exited: {log_path.read_text()[-2000:]}")
@@ -142,7 +133,7 @@ def run_once(raws, bootstrap: str, threads: int, workdir: Path, metrics_every_s:
             m = _read_metrics(metrics)
             return m and m[-1]["samples_learned"] >= n
 
-        while (not _wait_for(caught_up, 1.0) and proc.poll() is None
+        while (not wait_for(caught_up, 1.0, 0.1) and proc.poll() is None
                and time.time() - t_replay_end < drain_timeout_s):
             load.append((time.time(), os.getloadavg()[0]))
         drained = bool(caught_up())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streaming.broker import free_port
-from tests.helpers import wait_for
+from oneranker.polling import wait_for
 
 
 def services(home: Path) -> dict:

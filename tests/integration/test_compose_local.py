@@ -12,7 +12,7 @@ import yaml
 
 from deploy.supervisor import ServiceSpec, Supervisor
 from streaming.broker import EmbeddedBroker, free_port
-from tests.helpers import wait_for
+from oneranker.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("stream", "trainer", "exporter", "serve-1")

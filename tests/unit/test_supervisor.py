@@ -6,7 +6,7 @@ import signal
 import sys
 
 from deploy.supervisor import ServiceSpec, Supervisor
-from tests.helpers import wait_for
+from oneranker.polling import wait_for
 
 SLEEPER = [sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"]
 
