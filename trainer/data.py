@@ -130,6 +130,16 @@ class UserStream:
     actions: list[int]
     times: list[int]
     queries: list[Query] = field(default_factory=list)
+    _first: dict[int, int] | None = field(default=None, repr=False)
+
+    def first_index(self, item: int) -> int:
+        """Index of the item's first token in the stream (len(items) if it never occurs): a query
+        with ``n_hist`` tokens before it has seen the item iff first_index(item) < n_hist."""
+        if self._first is None:
+            self._first = {}
+            for i, it in enumerate(self.items):
+                self._first.setdefault(it, i)
+        return self._first.get(item, len(self.items))
 
 
 @dataclass
@@ -237,7 +247,9 @@ def chunk_streams(streams: list[UserStream], max_len: int, stride: int | None = 
 
 def collate_chunks(chunks: Sequence[Chunk], max_len: int, n_positions: int = 0,
                    rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Training batch. Queries per chunk: all of them, or a random ``n_positions`` subset."""
+    """Training batch. Queries per chunk: all of them, or a random ``n_positions`` subset.
+    ``cand_seen`` [B,P,C]: the candidate is anywhere in the user's history before the request
+    (the whole stream, not only the chunk's window), as the held-out batches compute it."""
     hist = []
     for c in chunks:
         s = c.stream
@@ -260,6 +272,7 @@ def collate_chunks(chunks: Sequence[Chunk], max_len: int, n_positions: int = 0,
     lab = np.zeros((3, B, P, C), np.float32)
     tgt = np.zeros((B, P, 3, T), np.int64)
     tval = np.zeros((B, P, T), np.float32)
+    cseen = np.zeros((B, P, C), bool)
     for b, (c, qs) in enumerate(zip(chunks, qsets)):
         n = c.end - c.start
         for p, q in enumerate(qs):
@@ -268,6 +281,7 @@ def collate_chunks(chunks: Sequence[Chunk], max_len: int, n_positions: int = 0,
             pvalid[b, p] = True
             device[b, p] = q.device
             cand[b, p, : len(q.cand)] = q.cand
+            cseen[b, p, : len(q.cand)] = [c.stream.first_index(i) < q.n_hist for i in q.cand]
             lab[0, b, p, : len(q.cand)] = q.click
             lab[1, b, p, : len(q.cand)] = q.conv
             lab[2, b, p, : len(q.cand)] = q.value
@@ -277,12 +291,13 @@ def collate_chunks(chunks: Sequence[Chunk], max_len: int, n_positions: int = 0,
     return {"user": torch.tensor([c.stream.user for c in chunks]), "items": items, "actions": actions,
             "times": times, "pos": t(pos), "pos_valid": t(pvalid), "device": t(device), "cand": t(cand),
             "click": t(lab[0]), "conv": t(lab[1]), "value": t(lab[2]), "targets": t(tgt),
-            "target_values": t(tval)}
+            "target_values": t(tval), "cand_seen": t(cseen)}
 
 
 def collate_heldout(held, items: IdMap, max_len: int, num_items: int) -> dict[str, torch.Tensor]:
     """Held-out requests → one query each at the newest position, plus the exposed candidates,
-    the clicked target and the seen-item mask [B, num_items] (True = already seen)."""
+    the clicked target, the seen-item mask [B, num_items] (True = already seen: the whole
+    history, not only its last max_len tokens) and the candidates' share of it, cand_seen [B,1,C]."""
     hist = [history_arrays(h, items, max_len) for _, h, _, _ in held]
     it, ac, tm = collate_histories(hist, max_len)
     cand, _ = pad_candidates([q.cand for _, _, q, _ in held])
@@ -291,6 +306,7 @@ def collate_heldout(held, items: IdMap, max_len: int, num_items: int) -> dict[st
     def lab(f):
         return torch.tensor([getattr(q, f) + [0.0] * (C - len(q.cand)) for _, _, q, _ in held])
 
+    cand_seen = torch.tensor([[i in s for i in q.cand] + [False] * (C - len(q.cand)) for _, _, q, s in held])
     seen = torch.zeros(len(held), num_items, dtype=torch.bool)
     for b, (_, _, _, s) in enumerate(held):
         seen[b, list(s)] = True
@@ -299,4 +315,4 @@ def collate_heldout(held, items: IdMap, max_len: int, num_items: int) -> dict[st
     return {"user": torch.tensor([u for u, _, _, _ in held]), "items": it, "actions": ac, "times": tm,
             "pos": last_position(it), "device": torch.tensor([[q.device] for _, _, q, _ in held]),
             "cand": cand.unsqueeze(1), "click": lab("click"), "conv": lab("conv"), "value": lab("value"),
-            "target": target, "seen": seen}
+            "target": target, "seen": seen, "cand_seen": cand_seen.unsqueeze(1)}

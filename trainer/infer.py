@@ -56,11 +56,13 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     return top_ids, top_scores
 
 
-def score_candidates(model, user, items, actions, times, device, cand):
+def score_candidates(model, user, items, actions, times, device, cand, seen=None):
     """Score a given candidate list cand [B, C] → dict(score, gen, ctr, cvr) each [B, C]
-    (score = Step 3, or the generator's bagged score when the model has no Step 3)."""
+    (score = Step 3, or the generator's bagged score when the model has no Step 3).
+    ``seen`` [B, C]: candidates in the user's longer history (see OneRanker.forward)."""
     pos = last_position(items)
-    out = model(user, items, actions, times, pos, device.view(-1, 1), cand.unsqueeze(1))
+    out = model(user, items, actions, times, pos, device.view(-1, 1), cand.unsqueeze(1),
+                seen=None if seen is None else seen.unsqueeze(1))
     gen = out["gen_cand"][:, 0].mean(1)
     res = {"gen": gen, "score": out["score"][:, 0] if "score" in out else gen}
     if "ctr" in out:

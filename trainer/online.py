@@ -291,7 +291,8 @@ def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_tar
     history (see ``plan_rows``; with ``row_cost``, ``plan_rows_cheapest``; ``group=False``: one row
     per sample), queries [B, P] at positions
     ``pos`` with ``pos_valid``, exposed ads as candidates [B, P, C] with click/conversion/value
-    labels, generation targets from the request's own clicks/conversions. Ids are admitted into
+    labels, generation targets from the request's own clicks/conversions, ``cand_seen`` [B, P, C]
+    (the ad is in the sample's whole history, which can be longer than max_len). Ids are admitted into
     ``vocab`` here. ``order`` [B, P] = the sample index of each query (-1 = padding)."""
     if not group:
         rows = [(i, [(i, min(max_len, len((s.history or {}).get("item_ids") or [])))]) for i, s in enumerate(samples)]
@@ -315,6 +316,7 @@ def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_tar
     tgt = np.zeros((B, P, 3, n_targets), np.int64)
     tval = np.zeros((B, P, n_targets), np.float32)
     bid = np.zeros((B, P, C), np.float32)
+    cseen = np.zeros((B, P, C), bool)
     for b, (anchor, members) in enumerate(rows):
         s0 = samples[anchor]
         user[b] = vocab.user(s0.user_id)
@@ -340,6 +342,8 @@ def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_tar
             lab[1, b, p, : len(cid)] = conv
             lab[2, b, p, : len(cid)] = value
             bid[b, p, : len(cid)] = [a.bid for a in ads]
+            seen = set((s.history or {}).get("item_ids") or [])  # the sample's whole feature-store history
+            cseen[b, p, : len(cid)] = [a.ad_id in seen for a in ads]
             imp = rng.choice(cid, size=min(n_targets, len(cid)), replace=False) if cid else []
             clicked = [c for c, k in zip(cid, click) if k > 0][:n_targets]
             conv_ads = [(c, a.value) for c, a in zip(cid, ads) if a.conversion][:n_targets]
@@ -351,7 +355,7 @@ def collate_samples(samples: Sequence[Sample], vocab: Vocab, max_len: int, n_tar
     out = {"user": t(user), "items": t(items), "actions": t(actions), "times": t(times), "pos": t(pos),
            "pos_valid": t(pvalid), "device": t(device), "cand": t(cand),
            "click": t(lab[0]), "conv": t(lab[1]), "value": t(lab[2]), "targets": t(tgt),
-           "target_values": t(tval), "bid": t(bid), "order": t(order)}
+           "target_values": t(tval), "bid": t(bid), "order": t(order), "cand_seen": t(cseen)}
     if pin:
         out = {k: v.pin_memory() for k, v in out.items()}
     return out
@@ -674,7 +678,8 @@ class OnlineLearner:
         self.model.train(learn)
         with self.amp:
             out = self.model(batch["user"], batch["items"], batch["actions"], batch["times"], batch["pos"],
-                             batch["device"], batch["cand"])
+                             batch["device"], batch["cand"],
+                             seen=batch["cand_seen"] if self.model.cfg.full_history_seen else None)
         t2 = time.perf_counter()
         preds = self._preds(out, batch)
         t3 = time.perf_counter()

@@ -118,3 +118,21 @@ def test_ranker_and_generator_are_clipped_separately():
     assert len(ranker) + len(rest) == len(list(m.parameters()))
     assert len(clip_groups(OneRanker(cfg.replace(use_step3=False)))) == 1
     assert len(clip_groups(SASRec(cfg))) == 1 and len(clip_groups(Cascade(cfg))) == 2
+
+
+def test_candidate_seen_flags_cover_the_whole_history_not_the_window():
+    reqs, cat = load_requests("synthetic", limit=1500)
+    items = IdMap()
+    streams, held = build_streams(reqs, cat, items, IdMap())
+    chunks = chunk_streams(streams, max_len=4)
+    b = collate_chunks(chunks, 4)
+    beyond = 0
+    for r, c in enumerate(chunks):
+        for p, q in enumerate(c.queries):
+            want = [i in c.stream.items[:q.n_hist] for i in q.cand]
+            assert b["cand_seen"][r, p, : len(q.cand)].tolist() == want
+            beyond += sum(w and i not in c.stream.items[c.start:q.n_hist] for w, i in zip(want, q.cand))
+    assert beyond > 0  # the flags do reach past the 4-token window
+    hb = collate_heldout(held, items, 4, len(items))
+    for r, (_, _, q, seen) in enumerate(held):
+        assert hb["cand_seen"][r, 0, : len(q.cand)].tolist() == [i in seen for i in q.cand]

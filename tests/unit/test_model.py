@@ -250,3 +250,19 @@ def test_no_covered_query_is_a_zero_list_loss_not_an_error():
     loss, parts = oneranker_loss(m, out, b, torch.full((40,), -torch.log(torch.tensor(38.0))))
     loss.backward()
     assert torch.isfinite(loss) and parts["list"] == 0 and parts["list_cover"] == 0
+
+
+def test_longer_history_seen_flag_reaches_only_its_candidate():
+    m = model()
+    torch.nn.init.normal_(m.ranker.seen.weight)  # zero-initialised: give the flag an effect
+    user, items, actions, times, device = inputs(m.cfg)
+    cand = torch.tensor([[38, 39, 37]] * 3)
+    items[items >= 37] = 2  # the window holds none of the candidates
+    base = score_candidates(m, user, items, actions, times, device, cand)["score"]
+    none = score_candidates(m, user, items, actions, times, device, cand, torch.zeros(3, 3, dtype=torch.bool))
+    assert torch.allclose(base, none["score"], atol=1e-6)
+    flag = torch.zeros(3, 3, dtype=torch.bool)
+    flag[:, 1] = True  # seen before the window
+    s = score_candidates(m, user, items, actions, times, device, cand, flag)["score"]
+    assert not torch.allclose(s[:, 1], base[:, 1], atol=1e-4)
+    assert torch.allclose(s[:, [0, 2]], base[:, [0, 2]], atol=1e-6)

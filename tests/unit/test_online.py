@@ -77,6 +77,8 @@ def test_collate_layout():
     clicked = [v.items.get(a.ad_id) for a in ss[0].ads if a.click]
     assert b["targets"][0, 0, 1, 0] == clicked[0]
     assert b["click"].sum() == 6
+    for r, s in enumerate(ss):  # seen flags from the sample's whole history, not the max_len window
+        assert b["cand_seen"][r, 0].tolist() == [a.ad_id in s.history["item_ids"] for a in s.ads]
 
 
 @pytest.mark.parametrize("row_cost", [None, 0.5, 2.0, 50.0])

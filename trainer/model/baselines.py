@@ -109,23 +109,29 @@ class Cascade(nn.Module):
     def set_item_bids(self, bids: torch.Tensor) -> None:
         self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)))
 
-    def ctr_logit(self, h, device, cand, batch) -> torch.Tensor:
+    def ctr_logit(self, h, device, cand, batch, seen=None) -> torch.Tensor:
         """h [B,P,d], device [B,P], cand [B,P,C] → [B,P,C]. Features as OneRanker's Step 3 sees
-        them: user state, item, product, device, log bid, seen-in-history flag."""
+        them: user state, item, product, device, log bid, seen-before flag (the window's, or'ed
+        with ``seen`` [B,P,C] from the longer history when given)."""
         from trainer.model.oneranker import OneRanker
 
-        seen = OneRanker.seen_in_history(batch["items"], batch["pos"], cand).float().unsqueeze(-1)
+        seen = OneRanker.seen_in_history(batch["items"], batch["pos"], cand) | (
+            False if seen is None else seen.bool())
+        seen = seen.float().unsqueeze(-1)
         e = self.retriever.item(cand).detach()
         h = h.detach().unsqueeze(2).expand_as(e)
         dv = self.device_emb(device).unsqueeze(2).expand_as(e)
         f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1), seen], -1)
         return self.mlp(f).squeeze(-1)
 
+    def _cand_seen(self, batch):
+        return batch.get("cand_seen") if self.cfg.full_history_seen else None
+
     def loss(self, batch, log_q, generator=None):
         h = self.retriever.states(batch)
         g = self.retriever.gen_loss(h, batch, log_q, generator)
         valid = (batch["cand"] > 0) & batch["pos_valid"].unsqueeze(-1)
-        r = bce(self.ctr_logit(h, batch["device"], batch["cand"], batch), batch["click"], valid)
+        r = bce(self.ctr_logit(h, batch["device"], batch["cand"], batch, self._cand_seen(batch)), batch["click"], valid)
         return g + r, {"mtp": float(g.detach()), "ctr": float(r.detach())}
 
     def corpus(self, batch, eligible=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,5 +146,5 @@ class Cascade(nn.Module):
 
     def candidates(self, batch) -> dict:
         h = self.retriever.states(batch)
-        ctr = self.ctr_logit(h, batch["device"], batch["cand"], batch)[:, 0]
+        ctr = self.ctr_logit(h, batch["device"], batch["cand"], batch, self._cand_seen(batch))[:, 0]
         return {"score": ctr, "ctr": ctr}

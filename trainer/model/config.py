@@ -55,6 +55,9 @@ class OneRankerConfig:
     rank_retrieved: int = 0
     list_weight: float = 1.0
     rank_retrieved_covered_only: bool = True  # Step 3 on the lists holding a target only (cheaper)
+    # Step 3's seen-before flag from the whole history the data has (evaluate: the user's stream;
+    # cand_seen in the batch), not only the max_len tokens Step 1 reads. Off = the window only.
+    full_history_seen: bool = False
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from trainer.model.backbone import Backbone
 from trainer.model.config import OneRankerConfig
@@ -91,7 +92,7 @@ class OneRanker(nn.Module):
         return g.masked_fill(seen, float("-inf")).topk(min(n, N - 2), dim=-1).indices
 
     def forward(self, user, items, actions, times, pos, device, cand=None, pool=None, retrieve: int = 0,
-                ret_targets=None) -> dict:
+                ret_targets=None, seen=None) -> dict:
         """user [B], items/actions [B,L], times [B,L], pos [B,P], device [B,P], cand [B,P,C] →
         dict(task [B,P,T,d], s_target [B,P,T,k], gen_cand [B,P,T,C], score/ctr/cvr [B,P,C]).
 
@@ -100,7 +101,10 @@ class OneRanker(nn.Module):
         ``retrieve`` = n (training): Step 3 also scores the generator's own top-n retrieval per query
         (the lists it reranks at inference): ret_cand [B,P,n], ret_gen [B,P,T,n], ret_score [B,P,n].
         With ``ret_targets`` [B,P,n_t] only the queries whose list holds a target (ret_sel [B,P])
-        go through Step 3 (the only ones the list loss can use); ret_score is 0 elsewhere."""
+        go through Step 3 (the only ones the list loss can use); ret_score is 0 elsewhere.
+        ``seen`` [B,P,C] (optional): which candidates the user interacted with before, from a
+        longer history than the L tokens given (the feature store's, or the dataset's); without
+        it Step 3 checks the visible window only (``seen_in_history``)."""
         mem, mask = self.encode(user, items, actions, times, pos, device)
         task, fake, s_target = self.step2(mem, mask)
         out = {"task": task, "fake": fake, "s_target": s_target}
@@ -124,9 +128,11 @@ class OneRanker(nn.Module):
             gen_cand = self.step2.score_each(task, s_target, self.item_table[cand])
             if self.ranker is not None:
                 s2 = torch.cat([task, fake], dim=2)
-                seen = self.seen_in_history(items, pos, cand)
+                in_window = self.seen_in_history(items, pos, cand)
+                if seen is not None:  # the given candidates' flags; appended ones keep the window's
+                    in_window = in_window | F.pad(seen.bool(), (0, cand.shape[-1] - seen.shape[-1]))
                 gen = gen_cand.mean(2).detach()
-                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, seen, gen)
+                out["score"], out["ctr"], out["cvr"] = self.rank(mem, mask, s2, cand, in_window, gen)
             if n_ret:
                 C = cand.shape[-1] - n_ret
                 out["ret_gen"] = gen_cand[..., C:]
