@@ -72,13 +72,26 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here."),
     limit: Optional[int] = typer.Option(None, help="First N interactions only."),
     seed: int = typer.Option(0),
+    seeds: Optional[str] = typer.Option(None, help="Comma list: one run per seed, then a mean ± sd summary."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    split: str = typer.Option("test", help="test | valid (each user's second-to-last request: for tuning)."),
+    curves: bool = typer.Option(False, "--curves", help="Evaluate after every epoch."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast in training (default: CUDA only)."),
+    set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (every model), repeatable."),
 ) -> None:
     """Offline evaluation: train and evaluate models on one dataset (trainer/evaluate.py)."""
-    from trainer.evaluate import evaluate_main
+    from trainer.evaluate import main
 
-    evaluate_main(dataset=dataset, models=models, preset=preset, epochs=epochs, device=device,
-                  out=str(out) if out else None, seed=seed, limit=limit, threads=threads)
+    argv = ["--dataset", dataset, "--models", models, "--preset", preset, "--epochs", str(epochs),
+            "--device", device, "--seed", str(seed), "--threads", str(threads), "--split", split]
+    argv += ["--out", str(out)] if out else []
+    argv += ["--limit", str(limit)] if limit else []
+    argv += ["--seeds", seeds] if seeds else []
+    argv += ["--curves"] if curves else []
+    argv += [] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"]
+    for kv in set_:
+        argv += ["--set", kv]
+    main(argv)
 
 
 def bench_train_cmd(

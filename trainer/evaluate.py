@@ -51,6 +51,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def autocast(dev: torch.device, bf16: bool | None = None):
+    """bf16 autocast for training: on by default on CUDA only; ``bf16=True`` forces it on CPU too,
+    which is how the tests run the CUDA path's reduced-precision dtypes on a machine without a GPU."""
+    on = dev.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
 def build_model(name: str, cfg):
     if name == "popularity":
         return Popularity(cfg)
@@ -80,7 +87,7 @@ def clip_groups(model) -> list[list[torch.nn.Parameter]]:
 
 
 def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: torch.Tensor,
-          progress=None, label: str = "", on_epoch=None) -> dict:
+          progress=None, label: str = "", on_epoch=None, bf16: bool | None = None) -> dict:
     """Train ``model`` for ``epochs`` passes over ``chunks``. Returns last-epoch mean loss parts.
     ``on_epoch(epoch, parts)`` is called after every epoch (validation curves)."""
     if isinstance(model, Popularity):
@@ -94,7 +101,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
     warm = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 10%
         opt, lambda s: min((s + 1) / warm, max(0.1, 1.0 - 0.9 * (s - warm) / max(1, total - warm))))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    amp = autocast(dev, bf16)
     task = progress.add_task(label, total=total) if progress is not None else None
     parts_sum: dict[str, float] = {}
     groups = clip_groups(model)
@@ -192,12 +199,13 @@ def evaluate_model(model, held_batches: list[dict], dev: torch.device) -> dict:
 def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "all", preset: str = "small",
                   epochs: int = 3, device: str = "auto", out: str | None = None, seed: int = 0,
                   limit: int | None = None, threads: int = 2, show: bool = True, split: str = "test",
-                  curves: bool = False, **overrides) -> dict:
+                  curves: bool = False, bf16: bool | None = None, **overrides) -> dict:
     """Train and evaluate every model in ``models`` (comma list, or 'all') under one budget; print a
     table; write JSON to ``out``. Returns the result dict.
 
     ``split="valid"`` drops every user's last request first, so each user's second-to-last request
-    is held out: tune there, report on "test". ``curves`` evaluates after every epoch."""
+    is held out: tune there, report on "test". ``curves`` evaluates after every epoch.
+    ``bf16``: autocast training in bf16 (default: on CUDA only)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -240,7 +248,7 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
                   f"{len(chunks)} sequences, {len(held)} held-out requests, {len(items) - 2} ads; "
                   f"preset={preset} epochs={epochs} device={dev}")
     results: dict = {"dataset": dataset, "preset": preset, "epochs": epochs, "seed": seed, "device": str(dev),
-                     "split": split,
+                     "split": split, "bf16": dev.type == "cuda" if bf16 is None else bf16,
                      "config": {k: v for k, v in cfg.to_dict().items()}, "n_train_requests":
                      sum(len(s.queries) for s in streams), "n_heldout": len(held), "models": {}}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -264,7 +272,7 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
                     progress.console.print(f"  {name} " + " ".join(f"{k}={v}" for k, v in curve[-1].items()))
 
             parts = train(model, chunks, getattr(model, "cfg", mcfg), epochs, dev, seed, log_q, progress, name,
-                          on_epoch)
+                          on_epoch, bf16)
             t1 = time.time()
             r = evaluate_model(model, held_batches, dev)
             r["train_loss"] = parts
@@ -302,6 +310,62 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
     return results
 
 
+SUMMARY_KEYS = ("hr@10", "ndcg@10", "vndcg@10", "vndcg@10_unseen_first", "gauc")
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """Several evaluate_main results (one per seed) → per model mean and sample SD of the headline
+    metrics and of the Step-2/Step-3 overlap@10, plus the vNDCG@10 gain of full OneRanker over
+    generation-only per run (the issue's ≥ 5% criterion) and its mean."""
+    out: dict = {"seeds": [r["seed"] for r in runs], "models": {}}
+    for name in runs[0]["models"]:
+        rows = [r["models"][name] for r in runs if name in r["models"]]
+        vals = {k: [x[k] for x in rows if x.get(k) is not None] for k in SUMMARY_KEYS}
+        vals["overlap@10"] = [x["consistency"]["overlap@10"] for x in rows if "consistency" in x]
+        out["models"][name] = {k: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                               for k, v in vals.items() if v}
+    for key in ("vndcg@10", "vndcg@10_unseen_first"):
+        gains = [r["models"]["oneranker"][key] / r["models"]["oneranker-gen-only"][key] - 1.0 for r in runs
+                 if {"oneranker", "oneranker-gen-only"} <= r["models"].keys()]
+        if gains:
+            out[f"{key}_gain_full_vs_gen_only"] = {"per_seed": gains, "mean": float(np.mean(gains))}
+    return out
+
+
+def print_summary(summary: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=200)
+    table = Table(title=f"mean ± sd over seeds {summary['seeds']}")
+    table.add_column("model")
+    keys = (*SUMMARY_KEYS, "overlap@10")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in summary["models"].items():
+        table.add_row(name, *(f"{m[k]['mean']:.4f} ± {m[k]['sd']:.4f}" if k in m else "-" for k in keys))
+    console.print(table)
+    for key in ("vndcg@10", "vndcg@10_unseen_first"):
+        g = summary.get(f"{key}_gain_full_vs_gen_only")
+        if g:
+            console.print(f"{key}: full OneRanker vs generation-only " +
+                          " ".join(f"{x:+.1%}" for x in g["per_seed"]) + f" (mean {g['mean']:+.1%})")
+
+
+def evaluate_seeds(seeds: list[int], out: str | None = None, **kw) -> dict:
+    """evaluate_main once per seed (data layer and training both reseeded); each run's JSON next
+    to ``out`` as <stem>_seed<N>.json, the summary (summarize_runs) and every run in ``out``."""
+    runs = []
+    for sd in seeds:
+        run_out = None if out is None else str(Path(out).with_name(f"{Path(out).stem}_seed{sd}.json"))
+        runs.append(evaluate_main(seed=sd, out=run_out, **kw))
+    summary = summarize_runs(runs)
+    print_summary(summary)
+    if out:
+        Path(out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    return summary
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="movielens-100k")
@@ -311,11 +375,14 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, help="comma list: one run per seed and a mean ± sd summary")
     p.add_argument("--limit", type=int, default=None, help="first N interactions/requests only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--split", default="test", choices=["test", "valid"],
                    help="valid: hold out each user's second-to-last request (for tuning)")
     p.add_argument("--curves", action="store_true", help="evaluate after every epoch")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in training (default: on CUDA only)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set gamma=0.5 (applies to every model)")
     a = p.parse_args(argv)
@@ -323,8 +390,12 @@ def main(argv=None) -> None:
     for kv in a.set:
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
-    evaluate_main(a.dataset, a.models, a.preset, a.epochs, a.device, a.out, a.seed, a.limit, a.threads,
-                  split=a.split, curves=a.curves, **overrides)
+    kw = dict(dataset=a.dataset, models=a.models, preset=a.preset, epochs=a.epochs, device=a.device,
+              limit=a.limit, threads=a.threads, split=a.split, curves=a.curves, bf16=a.bf16, **overrides)
+    if a.seeds:
+        evaluate_seeds([int(x) for x in a.seeds.split(",")], out=a.out, **kw)
+    else:
+        evaluate_main(out=a.out, seed=a.seed, **kw)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from features.tokens import Action, TokenSequence
@@ -136,3 +137,35 @@ def test_candidate_seen_flags_cover_the_whole_history_not_the_window():
     hb = collate_heldout(held, items, 4, len(items))
     for r, (_, _, q, seen) in enumerate(held):
         assert hb["cand_seen"][r, 0, : len(q.cand)].tolist() == [i in seen for i in q.cand]
+
+
+def test_bf16_autocast_path_trains_and_evaluates_on_cpu(tmp_path):
+    """The CUDA run's reduced-precision training path (bf16 autocast), forced on CPU."""
+    from trainer.evaluate import autocast
+
+    cpu = torch.device("cpu")
+    with autocast(cpu, True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(cpu):  # default: CUDA only
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    res = evaluate_main("synthetic", "sasrec,cascade,oneranker", "tiny", epochs=1, device="cpu", seed=0,
+                        limit=600, show=False, batch_size=256, bf16=True)
+    assert res["bf16"] is True
+    for r in res["models"].values():
+        assert all(torch.isfinite(torch.tensor(v)) for v in r["train_loss"].values())
+        assert 0 <= r["hr@10"] <= 1 and 0 < r["vndcg@10"] <= 1
+
+
+def test_several_seeds_give_a_mean_sd_summary_and_the_gain_per_seed(tmp_path):
+    from trainer.evaluate import evaluate_seeds
+
+    out = tmp_path / "eval.json"
+    summary = evaluate_seeds([0, 1], out=str(out), dataset="synthetic", models="oneranker,oneranker-gen-only",
+                             preset="tiny", epochs=1, device="cpu", limit=600, show=False, batch_size=256)
+    runs = [json.loads((tmp_path / f"eval_seed{s}.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1] == summary["seeds"]
+    v = [r["models"]["oneranker"]["vndcg@10"] for r in runs]
+    assert summary["models"]["oneranker"]["vndcg@10"]["mean"] == pytest.approx(sum(v) / 2)
+    gains = [r["models"]["oneranker"]["vndcg@10"] / r["models"]["oneranker-gen-only"]["vndcg@10"] - 1 for r in runs]
+    assert summary["vndcg@10_gain_full_vs_gen_only"]["per_seed"] == pytest.approx(gains)
+    assert json.loads(out.read_text())["summary"]["seeds"] == [0, 1]

@@ -218,6 +218,17 @@ def test_prequential_improves_on_learnable_stream():
     assert summarize(preds[-10:])["auc"] > 0.75
 
 
+def test_bf16_autocast_step_runs_on_cpu():
+    """The CUDA learner's bf16 autocast path, forced on CPU: forward, scoring and the update."""
+    ss = make_samples(96)
+    lr = OnlineLearner(tiny(full_history_seen=True), min_capacity=64)
+    lr.amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    for i in range(0, 96, 32):
+        preds, parts = lr.step(ss[i:i + 32])
+    assert parts and all(np.isfinite(v) for v in parts.values())
+    assert lr.samples_learned == 96 and np.isfinite(preds.score).all()
+
+
 def test_prometheus_endpoint_serves_window_metrics():
     import urllib.request
 

@@ -87,7 +87,8 @@ class OneRanker(nn.Module):
         B, P, N = g.shape
         L = items.shape[1]
         visible = (torch.arange(1, L + 1, device=items.device).view(1, 1, L) <= pos.unsqueeze(-1)).float()
-        seen = torch.zeros_like(g).scatter_add_(2, items.unsqueeze(1).expand(B, P, L), visible) > 0
+        # float32 counts whatever g's dtype (bf16 under autocast): scatter_add_ needs equal dtypes
+        seen = visible.new_zeros(B, P, N).scatter_add_(2, items.unsqueeze(1).expand(B, P, L), visible) > 0
         seen[..., :2] = True
         return g.masked_fill(seen, float("-inf")).topk(min(n, N - 2), dim=-1).indices
 
