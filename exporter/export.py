@@ -98,14 +98,14 @@ def load_holdout(ckpt, holdout_file: Path | None = None, limit: int = 512) -> li
     return samples[-limit:]
 
 
-def _sample_inputs(samples: Sequence[dict], max_len: int):
+def _sample_inputs(samples: Sequence[dict]):
     from streaming.samples import Sample
     from trainer.data import DEVICE_INDEX
 
     out = []
     for d in samples:
         s = Sample.from_dict(d)
-        out.append((s.user_id, s.history_sequence(max_len),
+        out.append((s.user_id, s.history_sequence(),  # whole history: its items feed ``seen``
                     DEVICE_INDEX.get(str((s.context or {}).get("device", "")), 0), s.ads))
     return out
 
@@ -114,7 +114,7 @@ def holdout_metrics(ranker: OnnxRanker, samples: Sequence[dict], batch: int = 32
     """HR@10 of a clicked ad in the whole-corpus top-10, and GAUC over the exposed ads (scores of
     each request's exposed ads, from the graph with eligibility = those ads). ``per_request`` keeps
     each holdout request's hit and AUC (None where undefined) so two models can be compared pairwise."""
-    rows = _sample_inputs(samples, ranker.max_len)
+    rows = _sample_inputs(samples)
     per_hit: list[float | None] = []
     per_auc: list[float | None] = []
     for i in range(0, len(rows), batch):
@@ -194,7 +194,7 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
 
     graph = ServingGraph(model.eval(), ranker.top_k).eval()
     batches = []
-    rows = _sample_inputs(samples[:16], ranker.max_len)
+    rows = _sample_inputs(samples[:16])
     if rows:
         users, seqs, devs = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         batches.append(ranker.encode(seqs, users, devs))

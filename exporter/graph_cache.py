@@ -67,15 +67,13 @@ def signature(model, k: int) -> str:
 def trace(model, k: int):
     """Export the serving graph (dynamic batch and history, examples ≥ 2 in every dynamic dim) to an
     un-optimised ONNX ModelProto whose initializers carry the state_dict names."""
-    from trainer.infer import ServingGraph, example_inputs
+    from trainer.infer import ServingGraph, dynamic_shapes, example_inputs
 
     cfg = model.cfg
     args = example_inputs(cfg, 2, cfg.max_len, torch.Generator().manual_seed(0))
     graph = ServingGraph(model.eval(), k).eval()
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.max_len)
-    shapes = ({0: batch}, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, {0: batch})
-    program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=shapes, external_data=False,
-                                optimize=False)
+    program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
+                                external_data=False, optimize=False)
     return program.model_proto
 
 

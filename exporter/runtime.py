@@ -3,7 +3,9 @@
 
 Encoding mirrors the trainer: ``trainer.data.history_arrays`` + ``collate_histories`` (left
 padding to the model's max_len, times relative to the newest token), user/item ids through the
-snapshot's own id maps (unknown → OOV), eligibility as a bool mask over the item table.
+snapshot's own id maps (unknown → OOV), eligibility as a bool mask over the item table, and the
+items of the whole given history (the feature store keeps more tokens than max_len) as a second
+mask, ``seen``, for Step 3's seen-before flag.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from features.tokens import TokenSequence
 log = logging.getLogger(__name__)
 
 NEG_HALF = -1e9 / 2  # scores at or below this are "not a result" (trainer.infer.NEG masks)
-INPUT_NAMES = ("user", "items", "actions", "times", "device", "eligible")
+INPUT_NAMES = ("user", "items", "actions", "times", "device", "eligible", "seen")
+# Snapshots exported before the ``seen`` input still load and run: they get the first six.
+LEGACY_INPUT_NAMES = INPUT_NAMES[:6]
 
 
 def make_session(path: str | Path, threads: int | None = None, want_cuda: bool = True):
@@ -64,7 +68,7 @@ class OnnxRanker:
         self.users = IdMap.from_dict(json.loads((snap_dir / "users.json").read_text()))
         self.session, self.providers = make_session(snap_dir / "model.onnx", threads, want_cuda)
         names = [i.name for i in self.session.get_inputs()]
-        if len(names) != len(INPUT_NAMES):
+        if tuple(names) not in (INPUT_NAMES, LEGACY_INPUT_NAMES):
             raise ValueError(f"unexpected model inputs {names}")
         self.input_names = names
 
@@ -86,8 +90,14 @@ class OnnxRanker:
                 mask[b] = False
                 idx = [i for i in self.items.lookup(cands) if 2 <= i < min(self.num_items, len(self.items))]
                 mask[b, idx] = True
+        seen = np.zeros((B, self.num_items), dtype=bool)
+        for b, s in enumerate(seqs):
+            if s is not None and len(s.item_ids):
+                idx = np.asarray(self.items.lookup(s.item_ids), np.int64)
+                seen[b, idx[idx < self.num_items]] = True
+        seen[:, :2] = False  # padding / OOV are never "seen"
         arrays = (np.asarray(self.users.lookup(user_ids), np.int64), items.numpy(), actions.numpy(),
-                  times.numpy(), np.asarray(devices if devices is not None else [0] * B, np.int64), mask)
+                  times.numpy(), np.asarray(devices if devices is not None else [0] * B, np.int64), mask, seen)
         return dict(zip(self.input_names, arrays))
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

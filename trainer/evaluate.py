@@ -37,10 +37,7 @@ BASELINES = ("popularity", "sasrec", "cascade")
 # generator's top-20 retrieval. Peak lr per model family, each the best one tried on validation
 # (valid HR@10 for SASRec: 2e-3 0.067, 4e-3 0.089, 8e-3 0.076; OneRanker at 4e-3 trailed its 2e-3
 # run after the first epoch); the online trainer keeps the preset's lr for its own schedule.
-# Rankers (Step 3, the cascade's MLP) get the seen-before flag of each candidate from the user's
-# whole history, not only the max_len tokens Step 1 reads: on movielens a user rates a movie once,
-# and 13% of the held-out slates' other ads were seen before, 5% within the last 50 tokens.
-EVAL_DEFAULTS = {"rank_retrieved": 20, "full_history_seen": True}
+EVAL_DEFAULTS = {"rank_retrieved": 20}
 EVAL_LR = {"sasrec": 4e-3, "cascade": 4e-3}  # others: the preset's lr (2e-3)
 ALL_MODELS = BASELINES + tuple(ABLATIONS)
 

@@ -17,9 +17,12 @@ NEG = -1e9
 
 
 def rank_topk(model, user, items, actions, times, device, eligible=None, k: int | None = None,
-              return_all: bool = False):
+              return_all: bool = False, seen=None):
     """user [B], items/actions [B,L] (left-padded), times [B,L] float, device [B] (context),
     eligible [B, num_items] bool or None → (top-K ids [B,K], scores [B,K]).
+    ``seen`` [B, num_items] bool or None: the items of the user's longer history (the feature
+    store keeps more tokens than Step 1 reads); Step 3's seen-before flag is the window's or'ed
+    with it.
 
     With ``return_all`` also returns the merged retrieved set and both steps' scores on it
     (for the Step-2/Step-3 consistency metrics)."""
@@ -44,8 +47,10 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     gen = torch.gather(corpus.mean(1), 1, ids)  # bagged generator score of each retrieved item
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
-        seen = model.seen_in_history(items, pos, ids.unsqueeze(1))
-        score = model.rank(mem, mask, s2, ids.unsqueeze(1), seen, gen.unsqueeze(1))[0][:, 0]  # [B, M]
+        flag = model.seen_in_history(items, pos, ids.unsqueeze(1))
+        if seen is not None:
+            flag = flag | torch.gather(seen, 1, ids).unsqueeze(1)
+        score = model.rank(mem, mask, s2, ids.unsqueeze(1), flag, gen.unsqueeze(1))[0][:, 0]  # [B, M]
     else:
         score = gen
     final = score.masked_fill(dup | invalid, NEG)
@@ -71,15 +76,21 @@ def score_candidates(model, user, items, actions, times, device, cand, seen=None
 
 
 class ServingGraph(nn.Module):
-    """The exported serving graph: (user, items, actions, times, device, eligible) → (ids, scores)."""
+    """The exported serving graph: (user, items, actions, times, device, eligible, seen) → (ids, scores)."""
 
     def __init__(self, model, k: int | None = None):
         super().__init__()
         self.model = model
         self.k = k or model.cfg.top_k
 
-    def forward(self, user, items, actions, times, device, eligible):
-        return rank_topk(self.model, user, items, actions, times, device, eligible, self.k)
+    def forward(self, user, items, actions, times, device, eligible, seen):
+        return rank_topk(self.model, user, items, actions, times, device, eligible, self.k, seen=seen)
+
+
+def dynamic_shapes(max_len: int) -> tuple:
+    """The serving graph's dynamic dimensions: batch everywhere, history length up to max_len."""
+    B, S = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=max_len)
+    return ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, {0: B})
 
 
 def export_onnx(model, path: str, batch: int = 2, seq_len: int | None = None, k: int | None = None):
@@ -90,9 +101,8 @@ def export_onnx(model, path: str, batch: int = 2, seq_len: int | None = None, k:
     g = torch.Generator().manual_seed(0)
     args = example_inputs(cfg, batch, L, g)
     graph = ServingGraph(model.eval(), k).eval()
-    B, S = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.max_len)
-    shapes = ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B})
-    prog = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=shapes, external_data=False)
+    prog = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
+                             external_data=False)
     prog.save(path)
     return prog
 
@@ -105,4 +115,5 @@ def example_inputs(cfg, batch: int, seq_len: int, g: torch.Generator | None = No
     times = -torch.sort(torch.rand(batch, seq_len, generator=g) * 1e5, dim=1, descending=True).values
     device = torch.randint(0, cfg.num_devices, (batch,), generator=g)
     eligible = torch.rand(batch, cfg.num_items, generator=g) > 0.2
-    return user, items, actions, times, device, eligible
+    seen = torch.rand(batch, cfg.num_items, generator=g) > 0.9
+    return user, items, actions, times, device, eligible, seen

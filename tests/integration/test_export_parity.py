@@ -41,12 +41,13 @@ def _torch_vs_onnx(model, ranker, users, candidates=None):
     # The snapshot's tables are padded to a power-of-two size; rows past the real ones are never
     # eligible, so the unpadded torch model sees the same request with the mask cut to its size.
     n_items = model.cfg.num_items
-    eligible = feeds[ranker.input_names[-1]]
-    assert not eligible[:, n_items:].any()
-    torch_feeds = {**feeds, ranker.input_names[-1]: eligible[:, :n_items]}
+    assert not feeds["eligible"][:, n_items:].any() and not feeds["seen"][:, n_items:].any()
+    for b, u in enumerate(uids):  # ``seen`` = the whole given history's items, beyond max_len too
+        assert set(np.flatnonzero(feeds["seen"][b]).tolist()) == set(ranker.items.lookup(users[u].item_ids)) - {0, 1}
+    torch_feeds = {**feeds, "eligible": feeds["eligible"][:, :n_items], "seen": feeds["seen"][:, :n_items]}
     with torch.no_grad():
-        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(torch_feeds[n]) for n in ranker.input_names),
-                                    k=ranker.top_k)
+        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(torch_feeds[n]) for n in ranker.input_names[:6]),
+                                    k=ranker.top_k, seen=torch.from_numpy(torch_feeds["seen"]))
     o_ids, o_scores = ranker.run(feeds)
     valid = t_scores.numpy() > -5e8
     assert np.abs(o_scores - t_scores.numpy())[valid].max() <= 1e-4
@@ -67,7 +68,7 @@ def test_small_preset_cli_export_publishes_a_verified_snapshot(tmp_path):
     from oneranker.cli import app
 
     model = make_model("small", num_items=400, num_users=60, seed=1)
-    users = make_users(60, 400, model.cfg.max_len, 24, seed=2)
+    users = make_users(60, 400, 4 * model.cfg.max_len, 24, seed=2)  # longer than Step 1 reads
     ckpt = make_checkpoint(model, 7, recent_samples=_samples(users, 400))
     checkpoint.save(tmp_path / "ckpt", ckpt)
     url = (tmp_path / "store").as_uri()

@@ -14,7 +14,7 @@ from trainer.model.oneranker import OneRanker
 def run_both(model, path, cfg):
     args = example_inputs(cfg, 3, 12, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ids, scores = rank_topk(model.eval(), *args, k=10)
+        ids, scores = rank_topk(model.eval(), *args[:6], k=10, seen=args[6])
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feed = {n: a.numpy() for n, a in zip(names, args)}
@@ -52,11 +52,13 @@ def test_bucketed_tables_rank_exactly_like_the_original():
     model = OneRanker(cfg).eval()
     padded = with_bucketed_tables(model)
     assert (padded.cfg.num_items, padded.cfg.num_users) == (1024, 1024)
-    user, items, actions, times, device, eligible = example_inputs(cfg, 3, 12, torch.Generator().manual_seed(2))
+    user, items, actions, times, device, eligible, seen = example_inputs(cfg, 3, 12, torch.Generator().manual_seed(2))
     wide = torch.zeros(3, 1024, dtype=torch.bool)
     wide[:, :700] = eligible  # rows no ad id maps to are never eligible (the runtime's mask)
+    wide_seen = torch.zeros(3, 1024, dtype=torch.bool)
+    wide_seen[:, :700] = seen
     with torch.no_grad():
-        a_ids, a_scores = rank_topk(model, user, items, actions, times, device, eligible, k=10)
-        b_ids, b_scores = rank_topk(padded, user, items, actions, times, device, wide, k=10)
+        a_ids, a_scores = rank_topk(model, user, items, actions, times, device, eligible, k=10, seen=seen)
+        b_ids, b_scores = rank_topk(padded, user, items, actions, times, device, wide, k=10, seen=wide_seen)
     assert torch.equal(a_ids, b_ids)
     assert torch.allclose(a_scores, b_scores, atol=1e-5)

@@ -24,7 +24,7 @@ def model(**kw):
 
 def inputs(cfg, B=3, L=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    user, items, actions, times, device, _ = example_inputs(cfg, B, L or cfg.max_len, g)
+    user, items, actions, times, device, _, _ = example_inputs(cfg, B, L or cfg.max_len, g)
     return user, items, actions, times, device
 
 
@@ -266,3 +266,25 @@ def test_longer_history_seen_flag_reaches_only_its_candidate():
     s = score_candidates(m, user, items, actions, times, device, cand, flag)["score"]
     assert not torch.allclose(s[:, 1], base[:, 1], atol=1e-4)
     assert torch.allclose(s[:, [0, 2]], base[:, [0, 2]], atol=1e-6)
+
+
+def test_serving_seen_mask_flags_retrieved_items_for_step3():
+    """rank_topk's ``seen`` [B, N] (the feature store's longer history) reaches Step 3's flag of
+    exactly the flagged retrieved items."""
+    m = model()
+    torch.nn.init.normal_(m.ranker.seen.weight)  # zero-initialised: give the flag an effect
+    user, items, actions, times, device = inputs(m.cfg)
+    with torch.no_grad():
+        _, _, base = rank_topk(m, user, items, actions, times, device, k=3, return_all=True)
+        window = m.seen_in_history(items, last_position(items), base["ids"].unsqueeze(1))[:, 0]
+        j = (~window).float().argmax(1)  # per row a retrieved item the window has not seen
+        target = base["ids"][torch.arange(3), j]
+        seen = torch.zeros(3, 40, dtype=torch.bool)
+        seen[torch.arange(3), target] = True
+        _, _, flagged = rank_topk(m, user, items, actions, times, device, k=3, return_all=True, seen=seen)
+        _, _, none = rank_topk(m, user, items, actions, times, device, k=3, return_all=True,
+                               seen=torch.zeros_like(seen))
+    assert torch.allclose(none["score"], base["score"], atol=1e-6)
+    hit = base["ids"] == target.unsqueeze(1)  # [B, M] (the item may be retrieved by several heads)
+    diff = (flagged["score"] - base["score"]).abs()
+    assert (diff[hit] > 1e-4).all() and (diff[~hit] <= 1e-6).all()

@@ -55,9 +55,11 @@ class OneRankerConfig:
     rank_retrieved: int = 0
     list_weight: float = 1.0
     rank_retrieved_covered_only: bool = True  # Step 3 on the lists holding a target only (cheaper)
-    # Step 3's seen-before flag from the whole history the data has (evaluate: the user's stream;
-    # cand_seen in the batch), not only the max_len tokens Step 1 reads. Off = the window only.
-    full_history_seen: bool = False
+    # Step 3's seen-before flag from the whole history the data has, not only the max_len tokens
+    # Step 1 reads: evaluate takes the user's stream, the online trainer each sample's feature-store
+    # history (200 tokens), serving the same (the graph's ``seen`` input). Off = the window only.
+    # On movielens 12.7% of held-out slates' other ads were seen before, 5% in the last 50 tokens.
+    full_history_seen: bool = True
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups
