@@ -111,3 +111,38 @@ def test_paper_preset_parity_on_a_small_corpus(tmp_path):
         _torch_vs_onnx(model, ranker, users)
     finally:
         staged.cleanup()
+
+
+def test_a_snapshot_from_before_the_seen_input_still_serves(tmp_path):
+    """Snapshots exported with the six older inputs (no ``seen``) load and rank as before."""
+    from trainer.infer import ServingGraph, dynamic_shapes, example_inputs
+
+    class SixInputs(ServingGraph):
+        def forward(self, user, items, actions, times, device, eligible):
+            return rank_topk(self.model, user, items, actions, times, device, eligible, self.k)
+
+    model = make_model("small", num_items=300, num_users=40, seed=5)
+    users = make_users(40, 300, model.cfg.max_len, 8, seed=6)
+    staged = stage(make_checkpoint(model, 1, recent_samples=_samples(users, 300)),
+                   SnapshotStore(str(tmp_path / "store")), threads=2)
+    try:
+        assert staged.result.status == "staged", staged.result.report
+        onnx_model = next(staged.dir.glob("model.onnx"))
+        padded = OnnxRanker(staged.dir, {**staged.manifest, "version": 0}, threads=1, want_cuda=False).num_items
+        from exporter.graph_cache import with_bucketed_tables
+
+        big = with_bucketed_tables(model)
+        assert big.cfg.num_items == padded
+        args = example_inputs(big.cfg, 2, big.cfg.max_len, torch.Generator().manual_seed(0))[:6]
+        torch.onnx.export(SixInputs(big.eval(), 10).eval(), args, dynamo=True,
+                          dynamic_shapes=dynamic_shapes(big.cfg.max_len)[:6], external_data=False).save(str(onnx_model))
+        ranker = OnnxRanker(staged.dir, {**staged.manifest, "version": 0}, threads=1, want_cuda=False)
+        assert tuple(ranker.input_names) == ("user", "items", "actions", "times", "device", "eligible")
+        uid = next(iter(users))
+        got = ranker.rank(uid, users[uid], 10)
+        feeds = ranker.encode([users[uid]], [uid], [0])
+        with torch.no_grad():
+            t_ids, _ = rank_topk(big, *(torch.from_numpy(feeds[n]) for n in ranker.input_names), k=10)
+        assert [a for a, _ in got] == [ranker.items.keys[int(i)] for i in t_ids[0][:len(got)]] and got
+    finally:
+        staged.cleanup()
