@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
+from trainer.clipping import clip_groups
 from trainer.data import IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout
 from trainer.infer import rank_topk, score_candidates
 from trainer.losses import oneranker_loss
@@ -69,18 +70,6 @@ def build_model(name: str, cfg):
 
 def _to(batch: dict, dev: torch.device) -> dict:
     return {k: v.to(dev) for k, v in batch.items()}
-
-
-def clip_groups(model) -> list[list[torch.nn.Parameter]]:
-    """Parameter groups clipped separately: the ranker (Step 3 / the cascade's MLP) and the rest.
-    One shared norm would let the ranking losses' gradients eat the generator's step size."""
-    ranker = getattr(model, "ranker", None) or (model.mlp if isinstance(model, Cascade) else None)
-    if ranker is None:
-        return [list(model.parameters())]
-    rid = {id(p) for p in ranker.parameters()}
-    if isinstance(model, Cascade):
-        rid |= {id(p) for p in model.device_emb.parameters()}
-    return [[p for p in model.parameters() if id(p) in rid], [p for p in model.parameters() if id(p) not in rid]]
 
 
 def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: torch.Tensor,

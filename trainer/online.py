@@ -60,6 +60,7 @@ import torch.nn as nn
 from oneranker import config
 from streaming.samples import Sample
 from trainer import checkpoint as ckpt_mod
+from trainer.clipping import clip_by_group
 from trainer.data import CONV_VALUE_SHARE, DEVICE_INDEX, OOV, IdMap
 from trainer.losses import oneranker_loss
 from trainer.model.config import OneRankerConfig, preset as make_preset
@@ -691,7 +692,7 @@ class OnlineLearner:
                 loss, parts = oneranker_loss(self.model, out, batch, self.log_q(), self.gen)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+            clip_by_group(self.model, self.cfg.clip_norm)  # ranker and the rest apart, as offline
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step_no)
             self.opt.step()
