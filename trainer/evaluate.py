@@ -245,6 +245,8 @@ def evaluate_main(dataset: str = "movielens-100k", models: str | list[str] = "al
             model = build_model(name, mcfg).to(dev)
             if hasattr(model, "set_item_bids"):
                 model.set_item_bids(bids.to(dev))
+            if hasattr(model, "set_item_log_pop"):
+                model.set_item_log_pop(log_q)
             if isinstance(model, Popularity):
                 model.fit(clicks)
             t0 = time.time()

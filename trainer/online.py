@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 # Rows of these tensors are indexed by item / user id (the adapter to trainer/model/*: if the model
 # renames its tables, only these two tuples change).
-ITEM_ROWS = ("backbone.embed.item.weight", "item_log_bid")
+ITEM_ROWS = ("backbone.embed.item.weight", "item_log_bid", "item_log_pop")  # those the model has
 USER_ROWS = ("backbone.embed.user.weight",)
 ITEM_INIT_STD, USER_INIT_STD = 0.05, 0.02  # as TokenEmbedding initialises them
 FORMAT = "online-v1"
@@ -147,7 +147,9 @@ def set_table_sizes(model: OneRanker, opt, num_items: int | None = None, num_use
     """Grow (or shrink) the item / user tables and keep every config object in the model in sync."""
     if num_items is not None and num_items != model.item_table.shape[0]:
         for name in ITEM_ROWS:
-            resize_rows(model, opt, name, num_items, ITEM_INIT_STD if name.endswith("weight") else 0.0)
+            mod, attr = _owner(model, name)
+            if getattr(mod, attr, None) is not None:
+                resize_rows(model, opt, name, num_items, ITEM_INIT_STD if name.endswith("weight") else 0.0)
     if num_users is not None and num_users != model.backbone.embed.user.weight.shape[0]:
         for name in USER_ROWS:
             resize_rows(model, opt, name, num_users, USER_INIT_STD)
@@ -677,6 +679,7 @@ class OnlineLearner:
         t1 = time.perf_counter()
         self.timing["centroids_s"] += t1 - t0
         self.model.train(learn)
+        self.model.set_item_log_pop(self.log_q())  # clicks learned so far: never this batch's
         with self.amp:
             out = self.model(batch["user"], batch["items"], batch["actions"], batch["times"], batch["pos"],
                              batch["device"], batch["cand"],

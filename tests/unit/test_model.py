@@ -288,3 +288,31 @@ def test_serving_seen_mask_flags_retrieved_items_for_step3():
     hit = base["ids"] == target.unsqueeze(1)  # [B, M] (the item may be retrieved by several heads)
     diff = (flagged["score"] - base["score"]).abs()
     assert (diff[hit] > 1e-4).all() and (diff[~hit] <= 1e-6).all()
+
+
+def test_click_share_feature_reaches_only_its_candidate_and_old_configs_load_without_it():
+    from trainer import checkpoint as ck
+    from trainer.model.config import OneRankerConfig
+    from trainer.model.oneranker import centred_log_share
+
+    m = model()
+    share = torch.full((40,), -30.0)
+    share[2:30] = torch.linspace(-6.0, -2.0, 28)  # rows 30+: no item yet
+    m.set_item_log_pop(share)
+    pop = m.item_log_pop
+    assert abs(float(pop[2:30].mean())) < 1e-5 and (pop[:2] == 0).all() and (pop[30:] == 0).all()
+    assert torch.allclose(pop, centred_log_share(share, 40))
+    user, items, actions, times, device = inputs(m.cfg)
+    cand = torch.tensor([[3, 4, 5]] * 3)
+    base = score_candidates(m, user, items, actions, times, device, cand)["score"]
+    with torch.no_grad():
+        m.item_log_pop[4] += 3.0
+    s = score_candidates(m, user, items, actions, times, device, cand)["score"]
+    assert not torch.allclose(s[:, 1], base[:, 1], atol=1e-4) and torch.allclose(s[:, [0, 2]], base[:, [0, 2]], atol=1e-6)
+    # a checkpoint config from before the switch: no feature, no tensors, loads as it was trained
+    old_cfg = {k: v for k, v in m.cfg.to_dict().items() if k != "popularity_feature"}
+    assert OneRankerConfig.from_dict(old_cfg).popularity_feature is False
+    old = OneRanker(OneRankerConfig.from_dict(old_cfg))
+    assert "item_log_pop" not in old.state_dict() and old.ranker.pop_in is None
+    restored = ck.build_model(ck.Checkpoint(0, old_cfg, old.state_dict(), {}, {}))
+    assert "item_log_pop" not in restored.state_dict()

@@ -136,7 +136,14 @@ def test_grow_keeps_rows_and_optimizer_state():
     # the old rows were copied (the padding row never gets a gradient, so it is unchanged)
     assert torch.equal(lr.model.item_table[0].detach(), w[0])
     assert st["exp_avg"].shape[0] == 16
+    assert lr.model.item_log_pop.shape[0] == p_new.shape[0]  # the click-share rows grew too
     lr.step(ss[20:])  # and training continues
+    # Step 3's click-share feature follows the clicks learned before each step
+    from trainer.model.oneranker import centred_log_share
+
+    before = centred_log_share(lr.log_q(), p_new.shape[0])
+    lr.step(ss[:5])
+    assert torch.allclose(lr.model.item_log_pop, before) and lr.model.item_log_pop.abs().sum() > 0
 
 
 def test_resize_rows_pads_state():

@@ -93,7 +93,8 @@ class SASRec(nn.Module):
 
 class Cascade(nn.Module):
     """SASRec retrieves top-N from the corpus; a pointwise MLP ranker on the same features
-    (user state, item embedding, their product, log bid, device) predicts pCTR and reranks.
+    (user state, item embedding, their product, log bid, log click share, seen flag, device)
+    predicts pCTR and reranks.
     The ranker sees detached SASRec features, so retrieval is exactly SASRec."""
 
     def __init__(self, cfg: OneRankerConfig):
@@ -102,12 +103,18 @@ class Cascade(nn.Module):
         self.cfg = cfg
         self.retriever = SASRec(cfg)
         self.device_emb = nn.Embedding(cfg.num_devices, d)
-        self.mlp = nn.Sequential(nn.Linear(4 * d + 2, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.SiLU(),
+        self.mlp = nn.Sequential(nn.Linear(4 * d + 3, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.SiLU(),
                                  nn.Linear(d, 1))
         self.register_buffer("item_log_bid", torch.zeros(cfg.num_items))
+        self.register_buffer("item_log_pop", torch.zeros(cfg.num_items))
 
     def set_item_bids(self, bids: torch.Tensor) -> None:
         self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)))
+
+    def set_item_log_pop(self, log_q: torch.Tensor) -> None:
+        from trainer.model.oneranker import centred_log_share
+
+        self.item_log_pop.copy_(centred_log_share(log_q, len(self.item_log_pop)).to(self.item_log_pop))
 
     def ctr_logit(self, h, device, cand, batch, seen=None) -> torch.Tensor:
         """h [B,P,d], device [B,P], cand [B,P,C] → [B,P,C]. Features as OneRanker's Step 3 sees
@@ -121,7 +128,8 @@ class Cascade(nn.Module):
         e = self.retriever.item(cand).detach()
         h = h.detach().unsqueeze(2).expand_as(e)
         dv = self.device_emb(device).unsqueeze(2).expand_as(e)
-        f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1), seen], -1)
+        f = torch.cat([h, e, h * e, dv, self.item_log_bid[cand].unsqueeze(-1), self.item_log_pop[cand].unsqueeze(-1),
+                       seen], -1)
         return self.mlp(f).squeeze(-1)
 
     def _cand_seen(self, batch):

@@ -60,6 +60,9 @@ class OneRankerConfig:
     # history (200 tokens), serving the same (the graph's ``seen`` input). Off = the window only.
     # On movielens 12.7% of held-out slates' other ads were seen before, 5% in the last 50 tokens.
     full_history_seen: bool = True
+    # Step 3 reads each candidate's log click share (OneRanker.item_log_pop; evaluate sets it from
+    # the training clicks, the online trainer from the clicks learned so far, before each step).
+    popularity_feature: bool = True
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups
@@ -89,6 +92,9 @@ class OneRankerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "OneRankerConfig":
         d = dict(d)
+        # Checkpoints written before these switches existed have neither the tensors nor the
+        # behaviour: they load as they were trained.
+        d.setdefault("popularity_feature", False)
         if "interest_stages" in d:
             d["interest_stages"] = tuple(d["interest_stages"])
         return cls(**d)

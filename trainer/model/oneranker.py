@@ -17,6 +17,21 @@ from trainer.model.ranker import Ranker
 from trainer.model.step2 import Step2
 
 
+@torch.no_grad()
+def centred_log_share(log_q: torch.Tensor, rows: int) -> torch.Tensor:
+    """log_q [≤ rows]: log click share per item, as the losses sample negatives (rows without an
+    item, e.g. padding and unused capacity, are ≤ log 1e-12) → [rows], centred on the mean over
+    real items so the feature's scale does not depend on the corpus size; 0 elsewhere."""
+    n = min(len(log_q), rows)
+    x = log_q[:n].float()
+    real = x > -25.0
+    real[:2] = False
+    centre = x[real].mean() if real.any() else x.new_zeros(())
+    out = x.new_zeros(rows)
+    out[:n] = torch.where(real, x - centre, torch.zeros_like(x))
+    return out
+
+
 class OneRanker(nn.Module):
     def __init__(self, cfg: OneRankerConfig):
         super().__init__()
@@ -26,11 +41,21 @@ class OneRanker(nn.Module):
         self.ranker = Ranker(cfg) if cfg.use_step3 else None
         # log(bid) per item (catalog), used as a Step-3 candidate feature; 0 for pad/OOV.
         self.register_buffer("item_log_bid", torch.zeros(cfg.num_items))
+        if cfg.popularity_feature:
+            # log of each item's share of past clicks (the sampling distribution q of L_MTP), a
+            # Step-3 candidate feature: the generator's softmax estimates p(item | user), while a
+            # slate's other ads were shown by popularity; the ranker learns the correction.
+            self.register_buffer("item_log_pop", torch.zeros(cfg.num_items))
 
     # --- plumbing -------------------------------------------------------------------------
     @property
     def item_table(self) -> torch.Tensor:
         return self.backbone.embed.item.weight
+
+    @torch.no_grad()
+    def set_item_log_pop(self, log_q: torch.Tensor) -> None:
+        if self.cfg.popularity_feature:
+            self.item_log_pop.copy_(centred_log_share(log_q, len(self.item_log_pop)).to(self.item_log_pop))
 
     def set_item_bids(self, bids: torch.Tensor) -> None:
         self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)).to(self.item_log_bid))
@@ -74,7 +99,8 @@ class OneRanker(nn.Module):
             mask = (*mask, torch.ones_like(mask[0]).expand(*s2_out.shape[:2], 1, s2_out.shape[2]))
         else:
             gen = None  # the generator's scores are a Step-2 output too
-        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen, state, gen)
+        return self.ranker(mem, mask, self.item_table[cand], self.item_log_bid[cand], seen, state, gen,
+                           self.item_log_pop[cand] if self.cfg.popularity_feature else None)
 
     # --- forward --------------------------------------------------------------------------
     @torch.no_grad()

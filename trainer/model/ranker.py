@@ -30,6 +30,8 @@ class Ranker(nn.Module):
         nn.init.zeros_(self.seen.weight)
         self.state_in = nn.Linear(d, d)  # user state at the query position → T_r
         self.gen_in = nn.Linear(1, d)  # the generator's (detached) score of the candidate
+        # the candidate's log click share (OneRanker.item_log_pop), when the config has it
+        self.pop_in = nn.Linear(1, d) if cfg.popularity_feature else None
         self.layers = nn.ModuleList([DecoderLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
                                      for _ in range(cfg.n_step3_layers)])
         self.ln_f = nn.LayerNorm(d)
@@ -37,13 +39,16 @@ class Ranker(nn.Module):
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor, cand: torch.Tensor,
                 log_bid: torch.Tensor, seen: torch.Tensor | None = None, state: torch.Tensor | None = None,
-                gen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                gen: torch.Tensor | None = None, log_pop: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, P, C, d = cand.shape
         c = cand + self.bid(log_bid.unsqueeze(-1))
         if seen is not None:
             c = c + self.seen(seen.long())
         if gen is not None:
             c = c + self.gen_in(gen.unsqueeze(-1))
+        if log_pop is not None:
+            c = c + self.pop_in(log_pop.unsqueeze(-1))
         tr = self.rank_token.expand(B, P, 1, d)
         if state is not None:
             tr = tr + self.state_in(state).unsqueeze(2)
