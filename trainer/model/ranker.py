@@ -18,8 +18,9 @@ def step3_mask(n_cand: int) -> torch.Tensor:
 
 
 class Ranker(nn.Module):
-    """(memory parts, their masks (see MultiHeadAttention), candidate vectors [B,P,C,d], log-bids [B,P,C], seen-in-history flags [B,P,C])
-    → score [B,P,C], pCTR logit [B,P,C], pCVR logit [B,P,C]."""
+    """(memory parts, their masks (see MultiHeadAttention), candidate vectors [B,P,C,d], log-bids [B,P,C],
+    seen-before flags [B,P,C], user state [B,P,d], the generator's scores [B,P,C], log click shares
+    [B,P,C]; the last four optional) → score [B,P,C], pCTR logit [B,P,C], pCVR logit [B,P,C]."""
 
     def __init__(self, cfg: OneRankerConfig):
         super().__init__()
