@@ -38,7 +38,7 @@ BASELINES = ("popularity", "sasrec", "cascade")
 # generator's top-20 retrieval. Peak lr per model family, each the best one tried on validation
 # (valid HR@10 for SASRec: 2e-3 0.067, 4e-3 0.089, 8e-3 0.076; OneRanker at 4e-3 trailed its 2e-3
 # run after the first epoch); the online trainer keeps the preset's lr for its own schedule.
-EVAL_DEFAULTS = {"rank_retrieved": 20}
+EVAL_DEFAULTS = {"rank_retrieved": 20, "popularity_feature": True}  # see OneRankerConfig
 EVAL_LR = {"sasrec": 4e-3, "cascade": 4e-3}  # others: the preset's lr (2e-3)
 ALL_MODELS = BASELINES + tuple(ABLATIONS)
 

@@ -90,6 +90,7 @@ def test_evaluate_main_smoke(tmp_path):
     from trainer.evaluate import EVAL_LR
     assert data["models"]["sasrec"]["lr"] == EVAL_LR["sasrec"] and r["lr"] == data["config"]["lr"]
     assert data["config"]["rank_retrieved"] == 20 and r["train_loss"]["list_cover"] >= 0
+    assert data["config"]["popularity_feature"] is True and data["config"]["full_history_seen"] is True
     assert res["models"]["popularity"]["logloss"] is None
 
 

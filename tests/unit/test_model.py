@@ -295,7 +295,7 @@ def test_click_share_feature_reaches_only_its_candidate_and_old_configs_load_wit
     from trainer.model.config import OneRankerConfig
     from trainer.model.oneranker import centred_log_share
 
-    m = model()
+    m = model(popularity_feature=True)
     share = torch.full((40,), -30.0)
     share[2:30] = torch.linspace(-6.0, -2.0, 28)  # rows 30+: no item yet
     m.set_item_log_pop(share)

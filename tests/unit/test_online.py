@@ -119,7 +119,7 @@ def test_cheapest_row_plan_costs_no_more_than_fixed_sizes():
 
 
 def test_grow_keeps_rows_and_optimizer_state():
-    lr = OnlineLearner(tiny(), min_capacity=16)
+    lr = OnlineLearner(tiny(popularity_feature=True), min_capacity=16)
     ss = make_samples(40, n_ads=10, n_users=4)
     lr.step(ss[:20])
     w = lr.model.item_table.detach().clone()
