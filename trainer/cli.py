@@ -80,18 +80,10 @@ def evaluate_cmd(
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (every model), repeatable."),
 ) -> None:
     """Offline evaluation: train and evaluate models on one dataset (trainer/evaluate.py)."""
-    from trainer.evaluate import main
+    from trainer.evaluate import run
 
-    argv = ["--dataset", dataset, "--models", models, "--preset", preset, "--epochs", str(epochs),
-            "--device", device, "--seed", str(seed), "--threads", str(threads), "--split", split]
-    argv += ["--out", str(out)] if out else []
-    argv += ["--limit", str(limit)] if limit else []
-    argv += ["--seeds", seeds] if seeds else []
-    argv += ["--curves"] if curves else []
-    argv += [] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"]
-    for kv in set_:
-        argv += ["--set", kv]
-    main(argv)
+    run(seed, seeds, str(out) if out else None, set_, dataset=dataset, models=models, preset=preset,
+        epochs=epochs, device=device, limit=limit, threads=threads, split=split, curves=curves, bf16=bf16)
 
 
 def bench_train_cmd(

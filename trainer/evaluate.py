@@ -354,6 +354,19 @@ def evaluate_seeds(seeds: list[int], out: str | None = None, **kw) -> dict:
     return summary
 
 
+def run(seed: int = 0, seeds: str | None = None, out: str | None = None, sets: list[str] = (), **kw) -> dict:
+    """The command line's entry (``python -m trainer.evaluate`` and ``oneranker evaluate``):
+    ``seeds`` "0,1,2" runs evaluate_seeds, else one evaluate_main with ``seed``; ``sets`` are
+    KEY=VALUE config overrides (JSON values where they parse as such) for every model."""
+    overrides = {}
+    for kv in sets:
+        k, v = kv.split("=", 1)
+        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+    if seeds:
+        return evaluate_seeds([int(x) for x in seeds.split(",")], out=out, **kw, **overrides)
+    return evaluate_main(out=out, seed=seed, **kw, **overrides)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="movielens-100k")
@@ -374,16 +387,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set gamma=0.5 (applies to every model)")
     a = p.parse_args(argv)
-    overrides = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
-    kw = dict(dataset=a.dataset, models=a.models, preset=a.preset, epochs=a.epochs, device=a.device,
-              limit=a.limit, threads=a.threads, split=a.split, curves=a.curves, bf16=a.bf16, **overrides)
-    if a.seeds:
-        evaluate_seeds([int(x) for x in a.seeds.split(",")], out=a.out, **kw)
-    else:
-        evaluate_main(out=a.out, seed=a.seed, **kw)
+    run(a.seed, a.seeds, a.out, a.set, dataset=a.dataset, models=a.models, preset=a.preset, epochs=a.epochs,
+        device=a.device, limit=a.limit, threads=a.threads, split=a.split, curves=a.curves, bf16=a.bf16)
 
 
 if __name__ == "__main__":

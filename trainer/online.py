@@ -679,7 +679,8 @@ class OnlineLearner:
         t1 = time.perf_counter()
         self.timing["centroids_s"] += t1 - t0
         self.model.train(learn)
-        self.model.set_item_log_pop(self.log_q())  # clicks learned so far: never this batch's
+        if self.cfg.popularity_feature:  # clicks learned so far: never this batch's
+            self.model.set_item_log_pop(self.log_q())
         with self.amp:
             out = self.model(batch["user"], batch["items"], batch["actions"], batch["times"], batch["pos"],
                              batch["device"], batch["cand"],

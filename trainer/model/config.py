@@ -67,7 +67,7 @@ class OneRankerConfig:
     popularity_feature: bool = False
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
     lr: float = 2e-3
-    clip_norm: float = 1.0  # per parameter group (ranker / the rest), see evaluate.clip_groups
+    clip_norm: float = 1.0  # per parameter group (ranker / the rest), see trainer/clipping.py
     weight_decay: float = 0.0
     batch_size: int = 64
 
