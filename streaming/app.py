@@ -40,6 +40,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -52,7 +53,7 @@ from typing import Any
 from oneranker import config
 from streaming import events as contract
 from streaming import faust_patches
-from streaming.joiner import MIN_TS, JoinConfig, Joiner, PartitionClock
+from streaming.joiner import EXPIRED, MIN_TS, JoinConfig, Joiner, PartitionClock
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +267,18 @@ class StreamWorker:
         return UserRow(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=self.opts.join.history_len),
                        dict(d.get("profile") or {}))
 
-    def _backlog(self, p: int):
-        """backlog(topic) for partition p: True while this worker has not PROCESSED every record up to
-        the partition's high watermark (as the fetch responses report it: correct on Tansu too).
+    def _caught_up(self, p: int):
+        """caught_up(topic) for partition p (``PartitionClock.current``): the monotonic time of the
+        newest fetch response whose high watermark this worker had PROCESSED up to, or None while it
+        has not (or cannot tell).
 
-        Not the consumer's fetch position: records handed to Faust's queues count as fetched long
-        before the agent sees them, so after a rebalance a topic whose backlog was still queued looked
-        idle, the watermark ran ahead on the other topics, and its events expired as too late (found
-        by the scale-out/in test). Until this worker has processed a record of a topic-partition, the
-        committed offset is where processing stands."""
+        Processed, not fetched: records handed to Faust's queues count as fetched long before the
+        agent sees them, so after a rebalance a topic whose backlog was still queued looked idle, the
+        watermark ran ahead on the other topics, and its events expired as too late (found by the
+        scale-out/in test). Until this worker has processed a record of a topic-partition, the
+        committed offset is where processing stands. And the time of that fetch, not "now": a topic
+        silent since its last event is only known to be silent up to the last time the broker said
+        so (a starved process would otherwise flush by the wall clock past events it has not read)."""
         try:
             consumer = self.app.consumer._thread._ensure_consumer()
             assignment = consumer._fetcher._subscriptions.subscription.assignment
@@ -284,20 +288,25 @@ class StreamWorker:
         from aiokafka.structs import TopicPartition
         from faust.types import TP
 
-        def backlog(topic: str) -> bool:
+        # aiokafka stamps fetch responses with time.time() in ms; the clocks run on time.monotonic()
+        wall_to_mono = time.monotonic() - time.time()
+
+        def caught_up(topic: str) -> float | None:
             try:
                 st = assignment.state_value(TopicPartition(topic, p))
             except Exception:
-                return True
+                return None
             if st is None:
-                return False  # not ours
-            if st.highwater is None:
-                return True
+                return math.inf  # not ours: holds nothing
+            if st.highwater is None or st.timestamp is None:
+                return None
             done = self.offsets.get((topic, p))
             next_offset = done + 1 if done is not None else (committed.get(TP(topic, p)) or 0)
-            return next_offset < st.highwater
+            if next_offset < st.highwater:
+                return None
+            return st.timestamp / 1000.0 + wall_to_mono
 
-        return backlog
+        return caught_up
 
     async def quiesce(self) -> None:
         """Partitions are being revoked: let any write in flight finish and reach the broker before
@@ -360,8 +369,17 @@ class StreamWorker:
                 except Exception as exc:  # never crash on input: park it with the reason
                     log.exception("event at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
                     await self._dead_letter(producer, msg, etype, contract.Rejection(
-                        "processing_error", f"{type(exc).__name__}: {exc}"))
+                        contract.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"))
                     continue
+                if outcome == EXPIRED:
+                    # Too old to dedupe, so it cannot be joined safely: parked, not dropped. After a
+                    # crash it may be a re-delivery of an event already applied (the detail says so).
+                    await self._dead_letter(producer, msg, etype, contract.Rejection(
+                        contract.BEHIND_WATERMARK,
+                        f"event time {data['ts']} is {part.joiner.watermark - data['ts']} ms behind the "
+                        f"partition watermark {part.joiner.watermark} (retention "
+                        f"{self.opts.join.retention_ms} ms): not joined; if it was delivered before, "
+                        f"it was applied then", "ts"))
                 self.stats[etype] += 1
                 outcomes[etype, outcome] += 1
                 touched.add(msg.partition)
@@ -395,7 +413,7 @@ class StreamWorker:
         """
         part = self.parts[p]
         joiner = part.joiner
-        samples = joiner.advance(part.clock.current(now, self._backlog(p)))
+        samples = joiner.advance(part.clock.current(now, self._caught_up(p)))
         if samples:
             producer = self.app.producer
             sends = [await producer.send(self.samples_topic, s.user_id.encode(), s.to_json(),
@@ -437,7 +455,7 @@ class StreamWorker:
             now = time.monotonic()
             for p, part in list(self.parts.items()):
                 if (part.last_event is not None
-                        and part.clock.current(now, self._backlog(p)) > part.joiner.watermark):
+                        and part.clock.current(now, self._caught_up(p)) > part.joiner.watermark):
                     await self._advance(p, now)
             self.metrics.pending.set(sum(pt.joiner.pending_requests() for pt in self.parts.values()))
         self._update_lag()

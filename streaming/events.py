@@ -39,6 +39,10 @@ REASONS = (
     NOT_UTF8, NOT_JSON, NOT_OBJECT, OVERSIZE, UNKNOWN_EVENT_TYPE, UNKNOWN_SCHEMA_VERSION,
     MISSING_FIELD, WRONG_TYPE, NEGATIVE_MONEY, TS_TOO_OLD, TS_IN_FUTURE, INVALID_VALUE,
 )
+# … and those of the stream worker, for valid events it could not join
+PROCESSING_ERROR = "processing_error"  # the join raised on it (a bug: the worker keeps going)
+BEHIND_WATERMARK = "behind_watermark"  # older than the watermark minus the dedupe retention
+WORKER_REASONS = (PROCESSING_ERROR, BEHIND_WATERMARK)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@
 * ``Joiner`` — the users of one partition (one event-time clock) plus a deadline heap, so that a
   watermark advance closes every due request, including those of users who went quiet.
 * ``PartitionClock`` — the watermark of one partition across the three event topics: the minimum of
-  the per-topic maximum event times (topics idle for ``idle_s`` wall seconds stop holding it back),
-  minus the allowed lateness; when every topic is idle it advances with the wall clock, so the last
+  the per-topic maximum event times (topics the broker shows silent for ``idle_s`` wall seconds stop
+  holding it back), minus the allowed lateness; when every topic is idle it advances with the wall clock, so the last
   windows of a replay close.
 
 Semantics (DESIGN §3): event time only; a request closes when the watermark passes
@@ -357,23 +357,35 @@ class PartitionClock:
             self.max_ts[topic] = ts
         self.last_seen[topic] = now
 
-    def current(self, now: float, backlog: Callable[[str], bool] | None = None) -> int:
-        """The watermark at wall time ``now``. ``backlog(topic)`` says whether the consumer knows of
-        records on that topic-partition it has not fetched yet (or cannot tell): such a topic
-        always holds the watermark, however long it has been silent (a restart with a backlog)."""
-        holds = []
+    def current(self, now: float, caught_up: Callable[[str], float | None] | None = None) -> int:
+        """The watermark at wall time ``now``.
+
+        ``caught_up(topic)`` is the wall time (the clock of ``now``) of the newest fetch response that
+        showed this worker had processed every record of that topic-partition, or None while it is
+        behind or cannot tell. A topic is idle only over a span the broker confirmed empty: from its
+        last event to that fetch. Measured against ``now`` alone, a pause of the process (starved of
+        CPU, a long batch, a rebalance) looked like silence, the wall-clock flush ran ahead and the
+        events produced meanwhile expired when they were finally read. Without ``caught_up`` (tests,
+        offline) a topic counts as caught up at ``now``."""
+        holds, quiet = [], []
         for t in self.topics:
-            behind = backlog(t) if backlog is not None else False
+            seen_until = caught_up(t) if caught_up is not None else now
+            if seen_until is None:  # behind: holds however long it has been silent (a restart)
+                holds.append(self.max_ts.get(t, MIN_TS))
+                continue
+            seen_until = min(now, seen_until)
+            quiet.append(seen_until)
             if t in self.max_ts:
-                if behind or now - self.last_seen[t] < self.idle_s:
+                if seen_until - self.last_seen[t] < self.idle_s:
                     holds.append(self.max_ts[t])
-            elif behind or now - self.started < self.idle_s:
+            elif seen_until - self.started < self.idle_s:
                 holds.append(MIN_TS)  # not heard from yet: it may still be catching up
         if holds:
             candidate = min(holds) - self.lateness if min(holds) > MIN_TS else MIN_TS
         elif self.max_ts:
-            # Every topic is idle: event time follows the wall clock from the last event on.
-            idle_ms = int(round((now - max(self.last_seen.values())) * 1000))
+            # Every topic is idle: event time follows the wall clock from the last event on, up to
+            # the oldest confirmation that nothing new has arrived.
+            idle_ms = int(round((min(quiet) - max(self.last_seen.values())) * 1000))
             candidate = max(self.max_ts.values()) + idle_ms - self.lateness
         else:
             candidate = MIN_TS

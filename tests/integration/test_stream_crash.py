@@ -126,7 +126,9 @@ def _check_samples(broker, suffix, want, workers) -> list:
             seen = {Sample.from_json(r.value).sample_id for r in reader.records}
             missing = [want[i] for i in set(want) - seen]
             raise AssertionError(f"{len(missing)} samples missing, e.g. {missing[:3]}; "
-                                 f"worker stats {[w.stats() for w in workers]}") from None
+                                 f"worker stats {[w.stats() for w in workers]}; their users' dead "
+                                 f"letters {_dead_letters(broker, suffix, {m.user_id for m in missing})}"
+                                 ) from None
         # anything else still on its way would show up now
         t_end = time.monotonic() + 2.0
         while time.monotonic() < t_end:
@@ -156,6 +158,19 @@ def _check_samples(broker, suffix, want, workers) -> list:
         assert [(a.click, a.conversion, a.value) for a in first.ads] == \
             [(a.click, a.conversion, a.value) for a in ref.ads], sid
     return got
+
+
+def _dead_letters(broker, suffix, users) -> list:
+    """(headers, value) of the dead letters of ``users`` (diagnostics for a failed run)."""
+    reader = TopicReader(broker, config.TOPIC_DLQ + suffix)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            reader.poll()
+        return [(dict((k, v.decode()) for k, v in r.headers), r.value.decode("utf-8", "replace"))
+                for r in reader.records if r.key and r.key.decode("utf-8", "replace") in users]
+    finally:
+        reader.close()
 
 
 def _check_feast(tmp_path, got, sequences) -> None:

@@ -231,9 +231,26 @@ def test_partition_clock_min_over_topics_idle_and_wall_clock_flush():
 def test_partition_clock_a_topic_with_a_backlog_holds_however_long_it_is_silent():
     c = PartitionClock(["i", "c"], allowed_lateness_ms=0, idle_s=1.0, now=0.0)
     c.observe("c", T0 + 40_000, now=0.1)  # restart: clicks fetched far ahead of impressions
-    behind = {"i": True, "c": False}
-    assert c.current(5.0, backlog=behind.get) == -(2**62)  # impressions never seen, still behind
+    caught_up = {"i": None, "c": 5.0}
+    assert c.current(5.0, caught_up.get) == -(2**62)  # impressions never seen, still behind
     c.observe("i", T0 + 1000, now=5.1)
-    assert c.current(9.0, backlog=behind.get) == T0 + 1000  # held at the impressions' event time
-    behind["i"] = False
-    assert c.current(9.0, backlog=behind.get) > T0 + 40_000  # caught up and silent: wall clock
+    assert c.current(9.0, caught_up.get) == T0 + 1000  # held at the impressions' event time
+    caught_up.update(i=9.0, c=9.0)
+    assert c.current(9.0, caught_up.get) > T0 + 40_000  # caught up and silent: wall clock
+
+
+def test_partition_clock_idle_time_counts_only_up_to_the_last_confirming_fetch():
+    """A process paused for 10 s (starved, a long batch) has no fetch newer than the pause: the
+    silence is not confirmed, so neither topic stops holding and the wall-clock flush waits."""
+    c = PartitionClock(["i", "c"], allowed_lateness_ms=0, idle_s=1.0, now=0.0)
+    c.observe("i", T0 + 1000, now=0.5)
+    c.observe("c", T0 + 900, now=0.5)
+    last_fetch = {"i": 0.6, "c": 0.6}
+    assert c.current(10.6, last_fetch.get) == T0 + 900  # as with events 0.1 s ago
+    c.observe("c", T0 + 1200, now=10.7)  # the fetch after the pause brings a click …
+    last_fetch.update(i=10.7, c=10.7)
+    assert c.current(10.7, last_fetch.get) == T0 + 1200  # … impressions now confirmed silent
+    # once the broker confirms both silent for idle_s, the flush follows the confirmed span only
+    last_fetch.update(i=12.0, c=12.0)
+    assert c.current(30.0, last_fetch.get) == T0 + 1200 + 1300
+    assert c.current(30.0) == T0 + 1200 + 19_300  # no fetch information: the wall clock (tests)
