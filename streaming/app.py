@@ -31,7 +31,9 @@ value would silently undo acknowledged events), and a batch that fails is never 
 process exits and the restart re-reads it.
 
 Faust internals patched (streaming/faust_patches.py): high watermarks read from a fetch response
-(Tansu's ListOffsets is wrong), and message delivery without two asyncio tasks per message (speed).
+(Tansu's ListOffsets is wrong), message delivery without two asyncio tasks per message (speed), and
+a producer flush that really drains Faust's buffer of table writes (upstream gives up after 0.1 s
+without progress, so under load offsets were committed ahead of the state they covered).
 """
 
 from __future__ import annotations
