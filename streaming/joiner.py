@@ -15,7 +15,8 @@ Semantics (DESIGN §3): event time only; a request closes when the watermark pas
 ``ts + max(click window, conversion window)`` and its sample is then emitted exactly once per state
 (re-delivery after a crash repeats it with the same ``sample_id``). Labels after their window, or for a
 closed request, are counted as late, never silently dropped. Events older than ``watermark -
-retention`` are counted as expired (too old to be deduplicated). Duplicate event ids are ignored.
+retention`` are counted as expired (too old to be deduplicated), or as late when their request is
+closed already (its sample is out; not applied again). Duplicate event ids are ignored.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ LATE_CONVERSION = "late_conversion"
 ORPHAN = "orphan"  # label before its request's impressions: held until they come
 ORPHAN_DROPPED = "orphan_dropped"  # … and they never came within the retention
 UNMATCHED = "unmatched"  # label for an ad the request did not show
+LATE_OF = {"impression": LATE_IMPRESSION, "click": LATE_CLICK, "conversion": LATE_CONVERSION}
 
 
 # The state keeps this many times history_len tokens, so that the history of a request still open
@@ -114,6 +116,11 @@ class UserState:
         if eid in self.seen:
             return DUPLICATE
         if ts + cfg.retention_ms < watermark:
+            # Too old to dedupe. Its request, if closed, already has its sample: late (most often a
+            # re-delivery after a crash or a rebalance, so nothing is applied twice). Otherwise it
+            # cannot be joined: expired (the worker dead-letters it).
+            if data["request_id"] in self.closed:
+                return LATE_OF.get(event_type, LATE_CLICK)
             return EXPIRED
         self.seen[eid] = ts
         action = int(ACTION_OF_EVENT[event_type])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from features.tokens import Action
-from streaming.joiner import (DUPLICATE, EXPIRED, LATE_CONVERSION, ORPHAN, JoinConfig, Joiner,
+from streaming.joiner import (DUPLICATE, EXPIRED, LATE_CLICK, LATE_CONVERSION, LATE_IMPRESSION, ORPHAN, JoinConfig, Joiner,
                               STATE_HISTORY_FACTOR, PartitionClock, UserState)
 from streaming.samples import Sample, sample_id
 
@@ -152,6 +152,19 @@ def test_events_far_behind_the_watermark_are_expired_not_applied():
     assert j.process(*click("old", "u", "a", T0)) == EXPIRED
     assert len(j.state("u").seq) == 0
 
+
+def test_a_closed_requests_events_behind_the_retention_are_late_and_not_applied_again():
+    """A crash re-delivers events whose ids were pruned: when their request is closed (its sample
+    is out) they are late, not expired (which the worker would dead-letter), and change nothing."""
+    j = Joiner(CFG)
+    j.feed(*imp("r1", "u", "a", 1, T0))
+    j.feed(*click("r1", "u", "a", T0 + 100))
+    j.feed(*imp("later", "u", "b", 1, T0 + CFG.retention_ms + 3000))  # r1 closes, ids pruned
+    before = j.state("u").to_dict()
+    assert "r1" in j.state("u").closed and "r1:c:a" not in j.state("u").seen
+    assert j.process(*click("r1", "u", "a", T0 + 100)) == LATE_CLICK
+    assert j.process(*imp("r1", "u", "a", 1, T0)) == LATE_IMPRESSION
+    assert j.state("u").to_dict() == before
 
 def test_state_round_trips_through_json_mid_stream():
     events = script()
