@@ -217,13 +217,16 @@ class StreamWorker:
         self.first_event_at: float | None = None
         self.last_event_at: float | None = None
         self.last_batch_done_at: float | None = None
-        self.offsets: dict[tuple[str, int], int] = {}
+        self.offsets: dict[tuple[str, int], int] = {}  # the last offset processed per topic-partition
+        self.rewinding: dict[tuple[str, int], int] = {}  # topic-partition → offset it was sought back to
+        self.gaps = 0
 
     # -- state ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """After a rebalance the table is the truth again: rebuild joiners lazily."""
         self.parts.clear()
         self.offsets.clear()  # another worker may have moved these partitions on meanwhile
+        self.rewinding.clear()
 
     @staticmethod
     def _decode(raw):
@@ -355,6 +358,8 @@ class StreamWorker:
             outcomes: Counter[tuple[str, str]] = Counter()
             for ev in events:
                 msg = ev.message
+                if await self._skipped_ahead(msg):
+                    continue
                 etype = self.type_of_topic.get(msg.topic, "?")
                 raw = msg.value
                 self.offsets[(msg.topic, msg.partition)] = msg.offset
@@ -395,6 +400,34 @@ class StreamWorker:
             # Dead letters need no wait: Faust flushes the producer before it commits any offset.
             self.last_batch_done_at = time.time()
             self.metrics.batch_seconds.observe(time.perf_counter() - t)
+
+    async def _skipped_ahead(self, msg) -> bool:
+        """True when ``msg`` lies beyond a gap: records before it were never handed to this worker.
+
+        Faust drops the rest of a fetched chunk when a rebalance interrupts its delivery, and does
+        not always seek back (seen as a worker taking partitions over and starting 40 records past
+        the committed offset: the records in between, acknowledged by nobody, were never joined).
+        A record past the next expected offset (the last processed + 1, or the committed offset for
+        the first one after an assignment) is therefore not processed, and never acknowledged (so
+        no commit can cover it); the partition is sought back to the expected offset, and the
+        records come again in order."""
+        from faust.types import TP
+
+        key = (msg.topic, msg.partition)
+        done = self.offsets.get(key)
+        expected = done + 1 if done is not None else self.app.consumer._committed_offset.get(
+            TP(msg.topic, msg.partition))
+        if expected is None or msg.offset <= expected:
+            self.rewinding.pop(key, None)
+            return False
+        msg.acked = True  # Faust skips acknowledged messages when it acks the batch
+        if self.rewinding.get(key) != expected:
+            self.rewinding[key] = expected
+            self.gaps += 1
+            log.warning("%s[%d]: got offset %d, expected %d: records were skipped upstream; seeking "
+                        "back", msg.topic, msg.partition, msg.offset, expected)
+            await self.app.consumer.seek(TP(msg.topic, msg.partition), expected)
+        return True
 
     async def _dead_letter(self, producer, msg, etype: str, rej: contract.Rejection):
         self.stats["dlq"] += 1
@@ -484,7 +517,7 @@ class StreamWorker:
                "feast_rows": self.pusher.pushed_rows if self.pusher else 0,
                "feast_pending": len(self.pusher.pending) if self.pusher else 0,
                "watermarks": {p: pt.joiner.watermark for p, pt in self.parts.items()},
-               "rebalances": getattr(self.app, "rebalancing_count", 0)}
+               "rebalances": getattr(self.app, "rebalancing_count", 0), "gaps_rewound": self.gaps}
         try:
             d.mkdir(parents=True, exist_ok=True)
             tmp = d / "stats.json.tmp"
