@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 DEFAULT_METRICS_PORT = int(os.environ.get("ONERANKER_STREAM_METRICS_PORT", "9102"))
 DEFAULT_APP_ID = os.environ.get("ONERANKER_STREAM_APP_ID", "oneranker-stream")
 WATERMARK_KEY = "\x00wm:"  # + partition: no user id has it (the schemas refuse control characters)
+# After seeking back over a gap, records still queued from before the seek arrive first (a full
+# stream buffer drains in seconds); a gap that persists this long is offsets that hold no record.
+REWIND_GIVE_UP_S = 30.0
 
 
 @dataclass
@@ -218,7 +221,8 @@ class StreamWorker:
         self.last_event_at: float | None = None
         self.last_batch_done_at: float | None = None
         self.offsets: dict[tuple[str, int], int] = {}  # the last offset processed per topic-partition
-        self.rewinding: dict[tuple[str, int], int] = {}  # topic-partition → offset it was sought back to
+        # topic-partition → (offset it was sought back to, when)
+        self.rewinding: dict[tuple[str, int], tuple[int, float]] = {}
         self.gaps = 0
 
     # -- state ---------------------------------------------------------------------------------
@@ -420,9 +424,18 @@ class StreamWorker:
         if expected is None or msg.offset <= expected:
             self.rewinding.pop(key, None)
             return False
+        since = self.rewinding.get(key)
+        if since is not None and since[0] == expected and time.monotonic() - since[1] > REWIND_GIVE_UP_S:
+            # Still no record at the expected offset long after the seek: those offsets hold none
+            # (transaction markers from a transactional producer take offsets too). Go on.
+            log.warning("%s[%d]: no record at offsets %d..%d after seeking back %.0f s ago: taking "
+                        "them as empty", msg.topic, msg.partition, expected, msg.offset - 1,
+                        REWIND_GIVE_UP_S)
+            del self.rewinding[key]
+            return False
         msg.acked = True  # Faust skips acknowledged messages when it acks the batch
-        if self.rewinding.get(key) != expected:
-            self.rewinding[key] = expected
+        if since is None or since[0] != expected:
+            self.rewinding[key] = (expected, time.monotonic())
             self.gaps += 1
             log.warning("%s[%d]: got offset %d, expected %d: records were skipped upstream; seeking "
                         "back", msg.topic, msg.partition, msg.offset, expected)

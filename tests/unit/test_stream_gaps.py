@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from faust.types import TP
 
+from streaming import app
 from streaming.app import StreamWorker, WorkerOptions
 
 
@@ -49,6 +50,11 @@ def test_a_record_past_the_expected_offset_is_held_back_and_the_partition_sought
     # a gap inside a running incarnation is caught the same way
     assert asyncio.run(run(msg(215))) is True
     assert consumer.seeks[-1] == (TP("imp", 0), 212)
+    # offsets that hold no record (transaction markers): accepted once the seek is long past
+    key = ("imp", 0)
+    worker.rewinding[key] = (212, worker.rewinding[key][1] - app.REWIND_GIVE_UP_S - 1)
+    assert asyncio.run(run(msg(216))) is False and worker.offsets[key] == 216
+    assert len(consumer.seeks) == 2
 
 
 def test_without_a_committed_offset_the_first_record_is_the_start():
