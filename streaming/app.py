@@ -25,10 +25,12 @@ it commits any offset, so a commit never covers an output that was not delivered
 confirmed by the broker before the states that mark their requests closed go to the changelog, so a
 restored state never claims a sample that was lost. A crash re-delivers the uncommitted events; the
 restored state dedupes them by event id, so re-emission can only repeat a sample with the same
-``sample_id``. Two rules close the remaining holes: a rebalance waits for the batch in flight and
+``sample_id``. Three rules close the remaining holes: a rebalance waits for the batch in flight and
 flushes its writes before the table recovery reads the changelogs (a recovery reading an older
-value would silently undo acknowledged events), and a batch that fails is never acknowledged: the
-process exits and the restart re-reads it.
+value would silently undo acknowledged events); a batch that fails is never acknowledged: the
+process exits and the restart re-reads it; and a record that arrives past the next expected offset
+(Faust dropped the ones before it) is neither processed nor acknowledged: the partition is sought
+back (``_skipped_ahead``).
 
 Faust internals patched (streaming/faust_patches.py): high watermarks read from a fetch response
 (Tansu's ListOffsets is wrong), message delivery without two asyncio tasks per message (speed), and
