@@ -278,6 +278,17 @@ class StreamWorker:
         return UserRow(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=self.opts.join.history_len),
                        dict(d.get("profile") or {}))
 
+    def _next_offset(self, topic: str, p: int) -> int | None:
+        """The next offset this worker has to process on topic-partition (topic, p): the last one it
+        processed + 1, or, before its first record since the assignment, the committed offset
+        (None when the group has none)."""
+        done = self.offsets.get((topic, p))
+        if done is not None:
+            return done + 1
+        from faust.types import TP
+
+        return self.app.consumer._committed_offset.get(TP(topic, p))
+
     def _caught_up(self, p: int):
         """caught_up(topic) for partition p (``PartitionClock.current``): the monotonic time of the
         newest fetch response whose high watermark this worker had PROCESSED up to, or None while it
@@ -293,11 +304,9 @@ class StreamWorker:
         try:
             consumer = self.app.consumer._thread._ensure_consumer()
             assignment = consumer._fetcher._subscriptions.subscription.assignment
-            committed = self.app.consumer._committed_offset
         except Exception:
             return None
         from aiokafka.structs import TopicPartition
-        from faust.types import TP
 
         # aiokafka stamps fetch responses with time.time() in ms; the clocks run on time.monotonic()
         wall_to_mono = time.monotonic() - time.time()
@@ -311,9 +320,7 @@ class StreamWorker:
                 return math.inf  # not ours: holds nothing
             if st.highwater is None or st.timestamp is None:
                 return None
-            done = self.offsets.get((topic, p))
-            next_offset = done + 1 if done is not None else (committed.get(TP(topic, p)) or 0)
-            if next_offset < st.highwater:
+            if (self._next_offset(topic, p) or 0) < st.highwater:
                 return None
             return st.timestamp / 1000.0 + wall_to_mono
 
@@ -417,12 +424,8 @@ class StreamWorker:
         the first one after an assignment) is therefore not processed, and never acknowledged (so
         no commit can cover it); the partition is sought back to the expected offset, and the
         records come again in order."""
-        from faust.types import TP
-
         key = (msg.topic, msg.partition)
-        done = self.offsets.get(key)
-        expected = done + 1 if done is not None else self.app.consumer._committed_offset.get(
-            TP(msg.topic, msg.partition))
+        expected = self._next_offset(msg.topic, msg.partition)
         if expected is None or msg.offset <= expected:
             self.rewinding.pop(key, None)
             return False
@@ -441,6 +444,8 @@ class StreamWorker:
             self.gaps += 1
             log.warning("%s[%d]: got offset %d, expected %d: records were skipped upstream; seeking "
                         "back", msg.topic, msg.partition, msg.offset, expected)
+            from faust.types import TP
+
             await self.app.consumer.seek(TP(msg.topic, msg.partition), expected)
         return True
 

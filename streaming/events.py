@@ -42,7 +42,6 @@ REASONS = (
 # … and those of the stream worker, for valid events it could not join
 PROCESSING_ERROR = "processing_error"  # the join raised on it (a bug: the worker keeps going)
 BEHIND_WATERMARK = "behind_watermark"  # older than the watermark minus the dedupe retention
-WORKER_REASONS = (PROCESSING_ERROR, BEHIND_WATERMARK)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@
   watermark advance closes every due request, including those of users who went quiet.
 * ``PartitionClock`` — the watermark of one partition across the three event topics: the minimum of
   the per-topic maximum event times (topics the broker shows silent for ``idle_s`` wall seconds stop
-  holding it back), minus the allowed lateness; when every topic is idle it advances with the wall clock, so the last
-  windows of a replay close.
+  holding it back), minus the allowed lateness; when every topic is idle it advances with the wall
+  clock, so the last windows of a replay close.
 
 Semantics (DESIGN §3): event time only; a request closes when the watermark passes
 ``ts + max(click window, conversion window)`` and its sample is then emitted exactly once per state
