@@ -40,8 +40,18 @@ DEFAULT_STREAM_WEB_PORT = 6066
 DEFAULT_TRAINER_METRICS_PORT = 9101
 DEFAULT_SERVE_PORT = 8100
 
-# --- Event contract limits ---
-MAX_EVENT_BYTES = 16 * 1024
+# --- Event contract and message-size limits (bytes) ---
+# These must agree with the broker and the producers. Kafka's defaults: message.max.bytes ≈ 1 MiB on
+# the broker, max.request.size 1 MiB in producers; a producer configured for more (a 5 MB record) is
+# still read (fetches always return at least one record) and dead-lettered as oversize.
+MAX_EVENT_BYTES = int(os.environ.get("ONERANKER_MAX_EVENT_BYTES", 16 * 1024))  # larger: `oversize`
+MAX_KEY_BYTES = 1024  # a key is a user_id (≤ 128 characters): larger is `oversize` (field "key")
+# The worker's producer refuses requests larger than this (Faust/aiokafka's default, 1,000,000).
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+# A dead letter carries the original bytes up to this size; a larger original is cut to its first
+# DLQ_HEAD_BYTES with headers giving its size and sha256 (so the DLQ can never fail on its input).
+DLQ_MAX_VALUE_BYTES = int(os.environ.get("ONERANKER_DLQ_MAX_BYTES", 64 * 1024))
+DLQ_HEAD_BYTES = 4096
 MAX_EVENT_AGE_MS = 400 * 24 * 3600 * 1000  # older than this is "absurdly far in the past"
 MAX_EVENT_FUTURE_MS = 24 * 3600 * 1000  # newer than now + this is "absurdly far in the future"
 

@@ -14,10 +14,12 @@ same users and is processed by the same worker):
 * sinks: ``oneranker.samples`` (streaming/samples.py, key = user_id), ``oneranker.dlq`` (below),
   Feast online store (user_sequence + user_profile views, pushed in batches from a thread).
 
-Dead-letter records (``oneranker.dlq``): key = the original key, value = the ORIGINAL bytes, untouched;
-headers (all UTF-8): ``reason`` (a code from streaming/events.py: not_json, not_utf8, missing_field,
-wrong_type, negative_money, ts_too_old, ts_in_future, oversize, unknown_schema_version, …),
+Dead-letter records (``oneranker.dlq``, built by streaming/dlq.py): key = the original key, value =
+the ORIGINAL bytes (cut to a head, with size and sha256 in headers, past 64 KiB so that the dead
+letter itself can never be refused); headers ``reason`` (a code from streaming/events.py),
 ``field``, ``detail``, ``event_type``, ``source_topic``, ``source_partition``, ``source_offset``.
+A record whose handling raises for a reason nobody foresaw is dead-lettered as ``internal_error``
+with the exception text, and the partition goes on (a poison record never stops it).
 
 Crash safety (at-least-once; Tansu cannot do exactly-once): a batch's events are acknowledged only
 after the batch is processed, and Faust flushes the producer (changelog, samples, dead letters) before
@@ -57,6 +59,7 @@ from typing import Any
 from oneranker import config
 from streaming import events as contract
 from streaming import faust_patches
+from streaming.dlq import dead_letter
 from streaming.joiner import EXPIRED, MIN_TS, JoinConfig, Joiner, PartitionClock
 
 log = logging.getLogger(__name__)
@@ -366,7 +369,6 @@ class StreamWorker:
             self.last_event_at = time.time()
             if self.first_event_at is None:
                 self.first_event_at = self.last_event_at
-            producer = self.app.producer
             touched: set[int] = set()
             outcomes: Counter[tuple[str, str]] = Counter()
             for ev in events:
@@ -374,32 +376,16 @@ class StreamWorker:
                 if await self._skipped_ahead(msg):
                     continue
                 etype = self.type_of_topic.get(msg.topic, "?")
-                raw = msg.value
                 self.offsets[(msg.topic, msg.partition)] = msg.offset
-                result = contract.validate(raw, etype)
-                if isinstance(result, contract.Rejection):
-                    await self._dead_letter(producer, msg, etype, result)
-                    continue
-                data = result.data
-                part = self.partition(msg.partition)
-                part.last_event = ev
-                part.clock.observe(msg.topic, data["ts"], now)
                 try:
-                    outcome = part.joiner.process(etype, data)
-                except Exception as exc:  # never crash on input: park it with the reason
-                    log.exception("event at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
-                    await self._dead_letter(producer, msg, etype, contract.Rejection(
-                        contract.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"))
+                    outcome = await self._handle_record(ev, etype, now)
+                except Exception as exc:  # a poison record never stops a partition: park it, go on
+                    log.exception("record %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
+                    await self._dead_letter(msg, etype, contract.Rejection(
+                        contract.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
                     continue
-                if outcome == EXPIRED:
-                    # Too old to dedupe, so it cannot be joined safely: parked, not dropped. After a
-                    # crash it may be a re-delivery of an event already applied (the detail says so).
-                    await self._dead_letter(producer, msg, etype, contract.Rejection(
-                        contract.BEHIND_WATERMARK,
-                        f"event time {data['ts']} is {part.joiner.watermark - data['ts']} ms behind the "
-                        f"partition watermark {part.joiner.watermark} (retention "
-                        f"{self.opts.join.retention_ms} ms): not joined; if it was delivered before, "
-                        f"it was applied then", "ts"))
+                if outcome is None:
+                    continue
                 self.stats[etype] += 1
                 outcomes[etype, outcome] += 1
                 touched.add(msg.partition)
@@ -449,15 +435,40 @@ class StreamWorker:
             await self.app.consumer.seek(TP(msg.topic, msg.partition), expected)
         return True
 
-    async def _dead_letter(self, producer, msg, etype: str, rej: contract.Rejection):
+    async def _handle_record(self, ev, etype: str, now: float) -> str | None:
+        """Validate one record and fold it into its partition's joiner: the join outcome, or None
+        when the record went to the dead-letter topic instead."""
+        msg = ev.message
+        result = contract.validate(msg.value, etype, key=msg.key)
+        if isinstance(result, contract.Rejection):
+            await self._dead_letter(msg, etype, result)
+            return None
+        data = result.data
+        part = self.partition(msg.partition)
+        part.last_event = ev
+        part.clock.observe(msg.topic, data["ts"], now)
+        outcome = part.joiner.process(etype, data)
+        if outcome == EXPIRED:
+            # Too old to dedupe, so it cannot be joined safely: parked, not dropped. After a crash it
+            # may be a re-delivery of an event already applied (the detail says so).
+            await self._dead_letter(msg, etype, contract.Rejection(
+                contract.BEHIND_WATERMARK,
+                f"event time {data['ts']} is {part.joiner.watermark - data['ts']} ms behind the "
+                f"partition watermark {part.joiner.watermark} (retention "
+                f"{self.opts.join.retention_ms} ms): not joined; if it was delivered before, "
+                f"it was applied then", "ts"))
+        return outcome
+
+    async def _dead_letter(self, msg, etype: str, rej: contract.Rejection):
+        """Send ``msg`` to the dead-letter topic. Its size is bounded (streaming/dlq.py), so the send
+        cannot fail on the input it reports. No wait: Faust flushes the producer before it commits."""
         self.stats["dlq"] += 1
         self.metrics.dlq.labels(rej.reason).inc()
-        headers = [("reason", rej.reason.encode()), ("field", (rej.field or "").encode()),
-                   ("detail", rej.detail[:500].encode("utf-8", "replace")),
-                   ("event_type", etype.encode()), ("source_topic", msg.topic.encode()),
-                   ("source_partition", str(msg.partition).encode()),
-                   ("source_offset", str(msg.offset).encode())]
-        return await producer.send(self.dlq_topic, msg.key, msg.value, None, None, headers)
+        letter = dead_letter(msg.key, msg.value, reason=rej.reason, detail=rej.detail, field=rej.field,
+                             event_type=etype, source_topic=msg.topic, source_partition=msg.partition,
+                             source_offset=msg.offset)
+        return await self.app.producer.send(self.dlq_topic, letter.key, letter.value, None, None,
+                                            letter.headers)
 
     async def _advance(self, p: int, now: float) -> None:
         """Advance partition p's watermark, emit due samples and persist changed states.
@@ -576,6 +587,7 @@ def create_app(opts: WorkerOptions):
         stream_wait_empty=True,
         web_enabled=False,
         producer_linger_ms=5,
+        producer_max_request_size=config.PRODUCER_MAX_REQUEST_BYTES,  # what streaming/dlq.py sizes for
     )
     source = app.topic(*opts.event_topics, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw", partitions=opts.partitions)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,9 +40,29 @@ REASONS = (
     NOT_UTF8, NOT_JSON, NOT_OBJECT, OVERSIZE, UNKNOWN_EVENT_TYPE, UNKNOWN_SCHEMA_VERSION,
     MISSING_FIELD, WRONG_TYPE, NEGATIVE_MONEY, TS_TOO_OLD, TS_IN_FUTURE, INVALID_VALUE,
 )
-# … and those of the stream worker, for valid events it could not join
-PROCESSING_ERROR = "processing_error"  # the join raised on it (a bug: the worker keeps going)
+# … and those of the stream worker, for events it could not join
+INTERNAL_ERROR = "internal_error"  # handling it raised (a bug, not the producer's: the worker goes on)
 BEHIND_WATERMARK = "behind_watermark"  # older than the watermark minus the dedupe retention
+
+
+class _NonFinite(ValueError):
+    """A number JSON cannot hold (NaN, ±Infinity, or a literal beyond float range like 1e400)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _no_constant(text: str):
+    raise _NonFinite(text)
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON: NaN/Infinity (which Python's json accepts) and overflowing floats are refused."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +162,10 @@ def validate_object(doc: Any, event_type: str, now_ms: int | None = None) -> Eve
 
 
 def validate(raw: bytes, event_type: str, now_ms: int | None = None,
-             max_bytes: int = config.MAX_EVENT_BYTES) -> Event | Rejection:
-    """Validate one raw Kafka message value as an event of ``event_type``."""
+             max_bytes: int = config.MAX_EVENT_BYTES, key: bytes | None = None) -> Event | Rejection:
+    """Validate one raw Kafka message value (and its key, when given) as an event of ``event_type``."""
+    if key is not None and len(key) > config.MAX_KEY_BYTES:
+        return Rejection(OVERSIZE, f"key is {len(key)} bytes, limit {config.MAX_KEY_BYTES}", "key")
     if raw is None:
         return Rejection(NOT_JSON, "empty message (null value)")
     if len(raw) > max_bytes:
@@ -152,9 +175,13 @@ def validate(raw: bytes, event_type: str, now_ms: int | None = None,
     except UnicodeDecodeError as exc:
         return Rejection(NOT_UTF8, str(exc))
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Rejection(NOT_JSON, str(exc))
+        doc = _loads(text)
+    except _NonFinite as exc:
+        return Rejection(INVALID_VALUE, f"number {str(exc)[:40]} is not finite (NaN, Infinity or overflow)")
+    except RecursionError:
+        return Rejection(NOT_JSON, "nested too deeply to decode")
+    except ValueError as exc:  # JSONDecodeError, and integers past Python's digit limit
+        return Rejection(NOT_JSON, str(exc)[:200])
     return validate_object(doc, event_type, now_ms)
 
 

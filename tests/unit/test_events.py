@@ -59,6 +59,14 @@ def test_valid_events_pass_and_keep_unknown_fields():
     (raw(impression(position=0)), "impression", ev.INVALID_VALUE, "position"),
     (raw(impression()), "purchase", ev.UNKNOWN_EVENT_TYPE, None),
     (raw(impression(padding="x" * 20000)), "impression", ev.OVERSIZE, None),
+    # inputs that used to raise out of the decoder (and so stop the worker), or slip through it
+    (b"[" * 5000 + b"]" * 5000, "impression", ev.NOT_JSON, None),  # RecursionError
+    (raw(impression()).replace(b'"bid": 0.5', b'"bid": ' + b"9" * 5000), "impression", ev.NOT_JSON, None),
+    (raw(impression()).replace(b'"bid": 0.5', b'"bid": NaN'), "impression", ev.INVALID_VALUE, None),
+    (raw(impression()).replace(b'"bid": 0.5', b'"bid": -Infinity'), "impression", ev.INVALID_VALUE, None),
+    (raw(impression()).replace(b'"bid": 0.5', b'"bid": 1e400'), "impression", ev.INVALID_VALUE, None),
+    (raw(impression(bid=1e300)), "impression", ev.INVALID_VALUE, "bid"),
+    (raw({**without(impression(), "bid"), "value": 5e12}), "conversion", ev.INVALID_VALUE, "value"),
 ])
 def test_each_malformed_class_is_rejected_with_its_reason(payload, event_type, reason, field):
     result = ev.validate(payload, event_type, now_ms=NOW)
@@ -77,3 +85,10 @@ def test_default_now_is_the_wall_clock():
 def test_encode_is_canonical():
     a = ev.encode({"b": 1, "a": "é"})
     assert a == ev.encode({"a": "é", "b": 1}) == '{"a":"é","b":1}'.encode()
+
+
+def test_an_oversize_key_is_rejected_before_the_value_is_read():
+    result = ev.validate(raw(impression()), "impression", now_ms=NOW, key=b"u" * 2_000_000)
+    assert isinstance(result, ev.Rejection)
+    assert (result.reason, result.field) == (ev.OVERSIZE, "key")
+    assert isinstance(ev.validate(raw(impression()), "impression", now_ms=NOW, key=b"u1"), ev.Event)
