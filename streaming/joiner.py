@@ -15,8 +15,9 @@ Semantics (DESIGN §3): event time only; a request closes when the watermark pas
 ``ts + max(click window, conversion window)`` and its sample is then emitted exactly once per state
 (re-delivery after a crash repeats it with the same ``sample_id``). Labels after their window, or for a
 closed request, are counted as late, never silently dropped. Events older than ``watermark -
-retention`` are counted as expired (too old to be deduplicated), or as late when their request is
-closed already (its sample is out; not applied again). Duplicate event ids are ignored.
+retention`` (or than the horizon below which their user's state pruned its event ids) are counted
+as expired (too old to be deduplicated), or as late when their request is closed already (its
+sample is out; not applied again). Duplicate event ids are ignored.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ class UserState:
         "request_count": 0, "click_count": 0, "conversion_count": 0, "total_value": 0.0,
         "last_event_ts": 0})
     partition: int | None = None
+    # Event time below which this state no longer remembers event ids (it pruned ``seen`` there).
+    # Dedupe must not depend on the partition watermark alone: a state is written to the changelog
+    # before the watermark that pruned it, so after a crash the restored watermark can be older than
+    # the prune, and an event whose id was pruned but whose token is in ``seq`` would be applied
+    # again (seen as a duplicated token in a sample's history after SIGKILLs). With the horizon in
+    # the state itself, every stored state answers "applied already?" on its own: an event is in
+    # ``seen`` or older than ``horizon``, whatever order the changelog, offsets and re-delivery take.
+    horizon: int = MIN_TS
 
     @classmethod
     def new(cls, user_id: str, history_len: int = config.DEFAULT_HISTORY_LEN) -> "UserState":
@@ -97,14 +106,14 @@ class UserState:
     def to_dict(self) -> dict[str, Any]:
         return {"u": self.user_id, "seq": self.seq.to_dict(), "pending": self.pending,
                 "orphans": self.orphans, "seen": self.seen, "closed": self.closed,
-                "profile": self.profile, "p": self.partition}
+                "profile": self.profile, "p": self.partition, "h": self.horizon}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], history_len: int = config.DEFAULT_HISTORY_LEN) -> "UserState":
         return cls(d["u"], TokenSequence.from_dict(d.get("seq"), max_len=STATE_HISTORY_FACTOR * history_len),
                    dict(d.get("pending") or {}), dict(d.get("orphans") or {}),
                    dict(d.get("seen") or {}), dict(d.get("closed") or {}),
-                   dict(d.get("profile") or cls.new("").profile), d.get("p"))
+                   dict(d.get("profile") or cls.new("").profile), d.get("p"), int(d.get("h", MIN_TS)))
 
     # -- the join ----------------------------------------------------------------------------
     def deadlines(self, cfg: JoinConfig) -> list[int]:
@@ -115,7 +124,7 @@ class UserState:
         eid, ts = data["event_id"], int(data["ts"])
         if eid in self.seen:
             return DUPLICATE
-        if ts + cfg.retention_ms < watermark:
+        if ts + cfg.retention_ms < watermark or ts < self.horizon:
             # Too old to dedupe. Its request, if closed, already has its sample: late (most often a
             # re-delivery after a crash or a rebalance, so nothing is applied twice). Otherwise it
             # cannot be joined: expired (the worker dead-letters it).
@@ -222,6 +231,7 @@ class UserState:
         horizon = watermark - cfg.retention_ms
         if self.seen and min(self.seen.values()) < horizon:
             self.seen = {e: t for e, t in self.seen.items() if t >= horizon}
+            self.horizon = max(self.horizon, horizon)
         # Closed ids are kept one window longer than seen ids, so labels that come after the
         # window (but not absurdly late) are recognised as late rather than as orphans.
         closed_horizon = horizon - cfg.close_after_ms
