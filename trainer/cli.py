@@ -65,9 +65,17 @@ def train_cmd(
 
 def evaluate_cmd(
     dataset: str = typer.Option("movielens-100k", help="Dataset name or CSV/parquet path."),
-    models: str = typer.Option("all", help="Comma list or 'all' (popularity, sasrec, cascade, oneranker, ablations)."),
+    protocol: str = typer.Option("ad-request", help="ad-request: each user's last ad request held out (Steps 1-3, "
+                                 "GAUC, value NDCG) | next-item: leave-last-out sequential recommendation on "
+                                 "user_id,item_id,timestamp data, full-corpus HR@{1,5,10,50}/NDCG@{10,50} with "
+                                 "earlier items excluded + 100-sampled-negatives HR/NDCG@10 (trainer/nextitem.py)."),
+    models: Optional[str] = typer.Option(None, help="Comma list or 'all' (popularity, sasrec, cascade, oneranker, "
+                                         "ablations). Default: all; next-item: popularity,sasrec,oneranker-gen-only."),
     preset: str = typer.Option("small", help="small | paper."),
-    epochs: int = typer.Option(3, help="Training epochs per model."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs per model (default 3; next-item: at most 20, "
+                                         "early stopping on the validation items)."),
+    patience: Optional[int] = typer.Option(None, help="next-item: stop after this many epochs without a better "
+                                           "validation HR@10 (default 3)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here."),
     limit: Optional[int] = typer.Option(None, help="First N interactions only."),
@@ -82,7 +90,7 @@ def evaluate_cmd(
     """Offline evaluation: train and evaluate models on one dataset (trainer/evaluate.py)."""
     from trainer.evaluate import run
 
-    run(seed, seeds, str(out) if out else None, set_, dataset=dataset, models=models, preset=preset,
+    run(seed, seeds, str(out) if out else None, set_, protocol, patience, dataset=dataset, models=models, preset=preset,
         epochs=epochs, device=device, limit=limit, threads=threads, split=split, curves=curves, bf16=bf16)
 
 

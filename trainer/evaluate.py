@@ -354,14 +354,31 @@ def evaluate_seeds(seeds: list[int], out: str | None = None, **kw) -> dict:
     return summary
 
 
-def run(seed: int = 0, seeds: str | None = None, out: str | None = None, sets: list[str] = (), **kw) -> dict:
+def run(seed: int = 0, seeds: str | None = None, out: str | None = None, sets: list[str] = (),
+        protocol: str = "ad-request", patience: int | None = None, **kw) -> dict:
     """The command line's entry (``python -m trainer.evaluate`` and ``oneranker evaluate``):
     ``seeds`` "0,1,2" runs evaluate_seeds, else one evaluate_main with ``seed``; ``sets`` are
-    KEY=VALUE config overrides (JSON values where they parse as such) for every model."""
+    KEY=VALUE config overrides (JSON values where they parse as such) for every model.
+    ``protocol="next-item"``: the leave-last-out sequential protocol of trainer/nextitem.py."""
     overrides = {}
     for kv in sets:
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+    if protocol == "next-item":
+        from trainer.nextitem import DEFAULT_MODELS, DEFAULT_PATIENCE, run_nextitem
+
+        for k in ("split", "curves", "bf16"):  # the next-item protocol validates every epoch itself
+            kw.pop(k, None)
+        if kw.get("models") in (None, "all"):
+            kw["models"] = DEFAULT_MODELS if kw.get("models") is None else "all"
+        return run_nextitem([int(x) for x in seeds.split(",")] if seeds else [seed], out=out,
+                            patience=DEFAULT_PATIENCE if patience is None else patience, **kw, **overrides)
+    if protocol != "ad-request":
+        raise ValueError(f"protocol must be ad-request or next-item, not {protocol!r}")
+    if kw.get("epochs") is None:
+        kw["epochs"] = 3
+    if kw.get("models") is None:
+        kw["models"] = "all"
     if seeds:
         return evaluate_seeds([int(x) for x in seeds.split(",")], out=out, **kw, **overrides)
     return evaluate_main(out=out, seed=seed, **kw, **overrides)
@@ -370,9 +387,15 @@ def run(seed: int = 0, seeds: str | None = None, out: str | None = None, sets: l
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="movielens-100k")
-    p.add_argument("--models", default="all", help=f"comma list or 'all': {', '.join(ALL_MODELS)}")
+    p.add_argument("--models", default=None, help=f"comma list or 'all': {', '.join(ALL_MODELS)} (default all; "
+                                                  "next-item: popularity,sasrec,oneranker-gen-only)")
     p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--protocol", default="ad-request", choices=["ad-request", "next-item"],
+                   help="ad-request: each user's last request held out (Steps 1-3); next-item: leave-last-out "
+                        "sequential recommendation, full-corpus + 100-sampled-negative ranking (trainer/nextitem.py)")
+    p.add_argument("--epochs", type=int, default=None, help="default 3 (ad-request), at most 20 with early "
+                                                             "stopping on validation (next-item)")
+    p.add_argument("--patience", type=int, default=None, help="next-item: epochs without a better validation HR@10")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -387,7 +410,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set gamma=0.5 (applies to every model)")
     a = p.parse_args(argv)
-    run(a.seed, a.seeds, a.out, a.set, dataset=a.dataset, models=a.models, preset=a.preset, epochs=a.epochs,
+    run(a.seed, a.seeds, a.out, a.set, a.protocol, a.patience, dataset=a.dataset, models=a.models,
+        preset=a.preset, epochs=a.epochs,
         device=a.device, limit=a.limit, threads=a.threads, split=a.split, curves=a.curves, bf16=a.bf16)
 
 
