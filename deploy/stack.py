@@ -15,11 +15,10 @@ import logging
 import os
 import shutil
 import signal
-import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from deploy.freshness import STAGES, Freshness, sample_offsets
 from deploy.supervisor import ServiceSpec, Supervisor
 from oneranker import config
 from streaming.broker import free_port
@@ -56,36 +56,6 @@ class UpOptions:
     metrics_port: int = 0  # Prometheus endpoint of `up` (freshness histogram); 0 = any free port
     checkpoint_every_s: float = 3.0
     export_interval_s: float = 2.0
-
-
-@dataclass
-class Freshness:
-    """Follows sampled requests from production to being served."""
-
-    produced: dict[str, float] = field(default_factory=dict)  # request_id → wall time produced
-    sample_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # request_id → (partition, offset)
-    served: dict[str, float] = field(default_factory=dict)  # request_id → wall time first served
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    histogram: object | None = None  # prometheus_client Histogram, observed as requests get served
-
-    def on_version(self, now: float, offsets: dict[int, int]) -> None:
-        """A replica now serves a snapshot trained through ``offsets`` (partition → next offset)."""
-        with self.lock:
-            for rid, (part, off) in self.sample_at.items():
-                if rid not in self.served and off < offsets.get(part, 0):
-                    self.served[rid] = now
-                    if self.histogram is not None and rid in self.produced:
-                        self.histogram.observe(now - self.produced[rid])
-
-    def seconds(self) -> list[float]:
-        with self.lock:
-            return sorted(self.served[r] - self.produced[r] for r in self.served if r in self.produced)
-
-    def summary(self) -> dict:
-        s = self.seconds()
-        q = (lambda p: round(s[min(len(s) - 1, int(p * len(s)))], 2)) if s else (lambda p: None)
-        return {"followed": len(self.produced), "served": len(s), "p50_s": q(0.5), "p95_s": q(0.95),
-                "mean_s": round(statistics.fmean(s), 2) if s else None}
 
 
 def _freshness_metric(port: int):
@@ -121,7 +91,8 @@ def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str,
                                           "--checkpoint-every-s", str(opts.checkpoint_every_s),
                                           "--metrics-port", str(ports["trainer"]))),
         ServiceSpec("exporter", _oneranker("export", "--watch", "--checkpoint-dir", ckpt,
-                                           "--store", store_url, "--interval-s", str(opts.export_interval_s))),
+                                           "--store", store_url, "--interval-s", str(opts.export_interval_s),
+                                           "--json", str(home / "exports.json"))),
     ]
     for i in range(1, opts.replicas + 1):
         specs.append(ServiceSpec(f"serve-{i}", _oneranker(
@@ -143,12 +114,7 @@ def snapshot_offsets(store_url: str, version: str) -> dict[int, int]:
     from exporter.store import SnapshotStore
 
     manifest = SnapshotStore(store_url).manifest(int(version))
-    out = {}
-    for key, off in ((manifest.get("trained_through") or {}).get("offsets") or {}).items():
-        topic, _, part = key.rpartition(":")
-        if topic == config.TOPIC_SAMPLES:
-            out[int(part)] = int(off)
-    return out
+    return sample_offsets((manifest.get("trained_through") or {}).get("offsets"))
 
 
 def _follow_samples(bootstrap: str, fresh: Freshness, counts: dict, stop: threading.Event) -> None:
@@ -172,6 +138,7 @@ def _follow_samples(bootstrap: str, fresh: Freshness, counts: dict, stop: thread
                 with fresh.lock:
                     if rid in fresh.produced and rid not in fresh.sample_at:
                         fresh.sample_at[rid] = (tp.partition, rec.offset)
+                        fresh.sample_time[rid] = rec.timestamp / 1000.0  # the producer's send time
         counts["samples"] = len(seen)
     consumer.close()
 
@@ -236,6 +203,11 @@ def run_up(opts: UpOptions) -> int:
             sup.start(spec)
         console.print(f"services: {', '.join(sup.services)} (logs in {home / 'logs'})")
 
+        # The exporter traces its serving graph on the trainer's initial checkpoint (20-60 s here):
+        # the system is ready, and the replay starts, once that is done.
+        with console.status("warming up: the exporter traces the serving graph"):
+            warm = _wait_for_export(home / "exports.json", sup, min(240.0, max(0.0, deadline - time.monotonic())))
+        console.print(f"exporter ready: {warm}")
         fresh, counts = Freshness(histogram=_freshness_metric(opts.metrics_port)), {"samples": 0, "produced": 0}
         followed = {r.request_id for i, r in enumerate(requests) if i % opts.sample_every == 0}
 
@@ -267,6 +239,54 @@ def run_up(opts: UpOptions) -> int:
         broker.stop()
 
 
+def _wait_for_export(path: Path, sup: Supervisor, timeout_s: float) -> str:
+    """Poll the exporter's result file until it reports its first result (or give up)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        sup.check()
+        try:
+            results = json.loads(path.read_text())
+            if results:
+                r = results[0]
+                return f"{r['status']} ({(r.get('report') or {}).get('export', {}).get('export_s')} s)"
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)  # polling a file another process writes, with a deadline
+    return f"not yet after {timeout_s:.0f} s (the replay starts anyway)"
+
+
+class _ManifestPoller:
+    """Reads each new checkpoint and snapshot manifest once, for the freshness breakdown (the
+    trainer and exporter keep only the newest few, so this polls with the watch loop)."""
+
+    def __init__(self, ckpt_dir: Path, store_url: str, fresh: Freshness):
+        from exporter.store import SnapshotStore
+
+        self.ckpt_dir, self.store, self.fresh = ckpt_dir, SnapshotStore(store_url), fresh
+        self.seen_ckpts: set[str] = set()
+        self.seen_versions: set[int] = set()
+
+    def poll(self) -> None:
+        for path in sorted(self.ckpt_dir.glob("ckpt-*.json")):
+            if path.name not in self.seen_ckpts:
+                try:
+                    self.fresh.on_checkpoint(json.loads(path.read_text()))
+                    self.seen_ckpts.add(path.name)
+                except (OSError, ValueError, KeyError):
+                    pass  # deleted by retention meanwhile, or being replaced
+        try:
+            versions = self.store.versions()
+        except Exception:  # noqa: BLE001 - the store is being written
+            return
+        for v in versions:
+            if v not in self.seen_versions:
+                try:
+                    self.fresh.on_snapshot(self.store.manifest(v))
+                    self.seen_versions.add(v)
+                except Exception:  # noqa: BLE001 - a snapshot being published
+                    pass
+
+
 def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, replay_done, deadline) -> int:
     client = httpx.Client()
     versions: dict[str, str | None] = {name: None for name in ports if name.startswith("serve")}
@@ -274,6 +294,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     offsets_cache: dict[str, dict[int, int]] = {}
     notes: list[str] = []
     done_since = None
+    manifests = _ManifestPoller(sup.log_dir.parent / "checkpoints", store_url, fresh)
 
     def table() -> Table:
         t = Table(title=f"oneranker up — {opts.dataset} at speed {opts.speed:g}", expand=False)
@@ -299,6 +320,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     with Live(table(), console=console, refresh_per_second=2, transient=False) as live:
         while time.monotonic() < deadline:
             notes.extend(sup.check())
+            manifests.poll()
             now = time.time()
             for name in versions:
                 v = replica_version(client, ports[name])
@@ -366,3 +388,10 @@ def _show_results(client, ports, versions, requests, opts, fresh, counts) -> Non
     f = fresh.summary()
     console.print(f"[bold]freshness[/bold] (production → served by a replica, {f['served']} of "
                   f"{f['followed']} followed requests): p50 {f['p50_s']} s, p95 {f['p95_s']} s")
+    t = Table(title="where the freshness goes (deploy/freshness.py), seconds per stage")
+    for col in ("stage", "p50", "p95", "mean", "requests"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for stage in STAGES:
+        q = f["stages"][stage]
+        t.add_row(stage, str(q["p50_s"]), str(q["p95_s"]), str(q["mean_s"]), str(q["n"]))
+    console.print(t)

@@ -48,6 +48,18 @@ def _announcer(enabled: bool, bootstrap: Optional[str]):
         return None
 
 
+def _catalog_rows() -> int:
+    """Rows the item table will need for the whole ad catalog (its ads + padding + OOV), or 0."""
+    from features.store import ad_catalog_path
+
+    path = ad_catalog_path()
+    if not path.exists():
+        return 0
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows + 2
+
+
 def _quiet_export_logs() -> None:
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -89,6 +101,9 @@ def export_cmd(
     announce: bool = AnnounceOpt,
     bootstrap_servers: Optional[str] = BootstrapOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result report as JSON here."),
+    min_item_rows: Optional[int] = typer.Option(
+        None, "--min-item-rows", help="Pad the exported item table to at least this many rows, so the "
+        "traced graph is re-used while the ids fill it (default: the ad catalog's size, if there is one)."),
 ) -> None:
     """Export the newest checkpoint to ONNX, verify it (checker, parity, quality gate) and publish
     it as a snapshot; announce it on oneranker.snapshots."""
@@ -102,7 +117,10 @@ def export_cmd(
     _quiet_export_logs()
     st = _store(store)
     ann = _announcer(announce, bootstrap_servers)
-    kw = dict(gate_tolerance=gate_tolerance, holdout_file=holdout, keep=keep, announce=ann, force=force)
+    if min_item_rows is None:
+        min_item_rows = _catalog_rows()
+    kw = dict(gate_tolerance=gate_tolerance, holdout_file=holdout, keep=keep, announce=ann, force=force,
+              min_item_rows=min_item_rows)
     results = []
 
     def done(result):

@@ -34,14 +34,14 @@ GATE_METRICS = ("hr@10", "gauc")
 
 @dataclass
 class ExportResult:
-    status: str  # published | parity_failed | gate_failed | check_failed | up_to_date
+    status: str  # published | parity_failed | gate_failed | check_failed | up_to_date | warmed
     step: int
     version: int | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.status in ("published", "up_to_date")
+        return self.status in ("published", "up_to_date", "warmed")
 
 
 # --- building the snapshot files -----------------------------------------------------------
@@ -255,10 +255,25 @@ class Staged:
             self._tmp = None
 
 
+def untrained(ckpt) -> bool:
+    """A checkpoint the trainer wrote before learning anything (its initial state)."""
+    return (ckpt.extra or {}).get("samples_learned", None) == 0
+
+
 def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_file: Path | None = None,
-          threads: int | None = 2, force: bool = False) -> Staged:
-    """Export ``ckpt`` and run the checker, parity and the quality gate against what is serving."""
+          threads: int | None = 2, force: bool = False, min_item_rows: int = 0) -> Staged:
+    """Export ``ckpt`` and run the checker, parity and the quality gate against what is serving.
+
+    An untrained checkpoint (the trainer writes one when it starts fresh) is never published: it
+    only warms the graph cache, so the first trace (20-60 s on 2 cores) runs while the trainer
+    learns its first batches instead of after them."""
     from trainer.checkpoint import build_model
+
+    if untrained(ckpt) and not force:
+        model = with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
+        with tempfile.TemporaryDirectory(prefix="oneranker-warm-") as tmp:
+            graph = export_graph(model, Path(tmp))
+        return Staged(ExportResult("warmed", ckpt.step, report={"export": graph}))
 
     cur = store.current()
     if cur and not force:
@@ -268,7 +283,8 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
             cur_step = -1
         if cur_step >= ckpt.step:
             return Staged(ExportResult("up_to_date", ckpt.step, int(cur["version"])))
-    model = with_bucketed_tables(build_model(ckpt))  # stable shapes: the traced graph is re-used
+    # stable shapes (the corpus padded to the catalog's size): the traced graph is re-used
+    model = with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
     samples = load_holdout(ckpt, holdout_file)
     report: dict[str, Any] = {"holdout_samples": len(samples)}
     tmp = tempfile.TemporaryDirectory(prefix="oneranker-export-")
@@ -335,10 +351,10 @@ def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: boo
 def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02,
                       holdout_file: Path | None = None, keep: int = 5, promote: bool = True,
                       announce: Callable[[dict], None] | None = None, threads: int | None = 2,
-                      force: bool = False) -> ExportResult:
+                      force: bool = False, min_item_rows: int = 0) -> ExportResult:
     """Export ``ckpt`` and publish it when it passes every check."""
     staged = stage(ckpt, store, gate_tolerance=gate_tolerance, holdout_file=holdout_file,
-                   threads=threads, force=force)
+                   threads=threads, force=force, min_item_rows=min_item_rows)
     return publish(staged, store, keep=keep, promote=promote, announce=announce)
 
 

@@ -166,8 +166,10 @@ class SnapshotStore:
                 raise SnapshotError(f"cannot publish without {req}", "manifest")
         version = self.latest_version() + 1
         files = {n: {"sha256": sha256_file(src_dir / n), "size": (src_dir / n).stat().st_size} for n in names}
-        doc = {**manifest, "version": version, "created": manifest.get("created", time.time()),
-               "files": files}
+        # created: when the export began; published: when it became visible (freshness stages)
+        now = time.time()
+        doc = {**manifest, "version": version, "created": manifest.get("created", now),
+               "published": now, "files": files}
         data = json.dumps(doc, indent=2, sort_keys=True).encode()
         final = self._p(version_name(version))
         if self.local:

@@ -49,11 +49,15 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. recent sample ids for dedupe
     created: float = field(default_factory=time.time)
+    # [wall time, offsets after that step] for each step since the previous checkpoint: when each
+    # sample was learned (the freshness breakdown of ``oneranker up`` reads it from the manifest)
+    progress: list = field(default_factory=list)
     path: Path | None = None
 
     def manifest(self) -> dict[str, Any]:
         return {"step": self.step, "created": self.created, "offsets": self.offsets,
-                "trained_through_ts": self.trained_through_ts, "metrics": self.metrics}
+                "trained_through_ts": self.trained_through_ts, "metrics": self.metrics,
+                "progress": self.progress}
 
 
 def _stem(step: int) -> str:

@@ -936,6 +936,7 @@ class StreamTrainer:
         self.assigned_at: float | None = None
         self.consumer = None
         self.batch_sizes: list[int] = []  # since the last metrics line
+        self.progress: list = []  # [wall time, offsets] per step since the last checkpoint
         # seconds spent per part of the loop (the learner's own phases are in OnlineLearner.timing)
         self.loop_time = dict.fromkeys(("poll_s", "decode_s", "metrics_s", "checkpoint_s"), 0.0)
 
@@ -996,6 +997,7 @@ class StreamTrainer:
             return
         t0 = time.perf_counter()
         ck = lr.to_checkpoint(self.offsets, metrics)
+        ck.progress, self.progress = self.progress, []
         ckpt_mod.save(self.o.checkpoint_dir, ck, keep=self.o.keep)
         if self.o.learned_log is not None:
             append_learned(self.o.learned_log, ck.step, lr.learned_since_ckpt)
@@ -1054,6 +1056,10 @@ class StreamTrainer:
         self.prom = _Metrics(self.o.metrics_port)
         lr = self._learner()
         pq = Prequential(self.o.windows)
+        if self.last_ckpt_step < 0:
+            # A fresh start writes its initial state at once: the exporter warms its graph on it
+            # (never publishing it), so its first trace overlaps the first batches (exporter/export.py).
+            self.checkpoint(lr, {})
         consumer = self._consumer()
         jsonl = open(self.o.metrics_jsonl, "a") if self.o.metrics_jsonl else None
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1113,6 +1119,8 @@ class StreamTrainer:
                             self.prom.loss.labels(k).set(v)
                         self.loop_time["metrics_s"] += time.perf_counter() - t0
                     self._advance(consumed)
+                    if samples:
+                        self.progress.append([round(time.time(), 3), dict(self.offsets)])
                 now = time.monotonic()
                 if now - last_metrics >= self.o.metrics_every_s and pq.total:
                     t0 = time.perf_counter()

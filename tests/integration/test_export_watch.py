@@ -40,3 +40,34 @@ def test_watch_exports_each_new_checkpoint(tmp_path):
     assert [a["version"] for a in announced] == [1, 2] and announced[1]["url"].endswith("/v00000002")
     assert store.versions() == [2] and store.current()["version"] == 2  # keep=1
     assert store.manifest(2)["checkpoint_step"] == 2
+
+
+def test_an_untrained_checkpoint_warms_the_graph_and_a_catalog_sized_table_keeps_it(tmp_path):
+    """The trainer's initial checkpoint is traced but never published; with the item table padded
+    to the catalog's size, a later checkpoint whose ids filled more of it re-uses that trace."""
+    store = SnapshotStore(str(tmp_path / "store"))
+    ckdir = tmp_path / "ckpt"
+    first = make_checkpoint(make_model("tiny", num_items=40, num_users=10), 0)
+    first.extra["samples_learned"] = 0
+    checkpoint.save(ckdir, first)
+    results = []
+    stop = threading.Event()
+    t = threading.Thread(target=watch, args=(ckdir, store, stop, 0.2),
+                         kwargs=dict(on_result=results.append, keep=2, threads=1, min_item_rows=1500),
+                         daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 180
+        while len(results) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [r.status for r in results] == ["warmed"] and store.versions() == []
+        checkpoint.save(ckdir, make_checkpoint(make_model("tiny", num_items=1400, num_users=10), 1))
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert [r.status for r in results] == ["warmed", "published"]
+    assert results[0].report["export"]["graph"] == "traced"
+    assert results[1].report["export"]["graph"] == "reused"  # 1,400 ids, still inside the padded table
+    assert store.manifest(1)["model"]["num_items"] == 2048
