@@ -117,12 +117,34 @@ def mtp_loss(model, out: dict, batch: dict, log_q: torch.Tensor, num_negatives: 
     return total / len(heads)
 
 
+def state_loss(model, h1: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor,
+               num_negatives: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step-1 next-item loss: H1 [B,S,d] at the query positions pos [B,P] scores the targets
+    [B,P,n_t] (0 = none) against the corpus by dot product with the item table: full softmax, or
+    sampled softmax with logQ correction when num_negatives < the corpus."""
+    h = torch.gather(h1, 1, pos.unsqueeze(-1).expand(*pos.shape, h1.shape[-1]))  # [B,P,d]
+    n_items = log_q.shape[0]
+    if num_negatives and num_negatives < n_items:
+        neg_ids = sample_negatives(log_q, num_negatives, generator)
+        lq = log_q + math.log(num_negatives)
+    else:
+        neg_ids = torch.arange(2, n_items, device=h1.device)
+        lq = torch.zeros_like(log_q)
+    table = model.item_table
+    p = (h.unsqueeze(2) * table[targets]).sum(-1)
+    return sampled_softmax(p, h @ table[neg_ids].T, targets, neg_ids, lq, torch.ones_like(p))
+
+
 def oneranker_loss(model, out: dict, batch: dict, log_q: torch.Tensor,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """The combined loss and its parts (floats, for logging)."""
     cfg = model.cfg
     parts = {"mtp": mtp_loss(model, out, batch, log_q, cfg.num_negatives, generator)}
     loss = cfg.alpha * parts["mtp"]
+    if cfg.state_weight and "h1" in out:
+        tg = batch["targets"][:, :, 1] * batch["pos_valid"].unsqueeze(-1)
+        parts["state"] = state_loss(model, out["h1"], batch["pos"], tg, log_q, cfg.num_negatives, generator)
+        loss = loss + cfg.state_weight * parts["state"]
     if "score" in out:
         cand = out.get("cand", batch["cand"])
         extra = cand.shape[-1] - batch["cand"].shape[-1]  # appended hard negatives: label 0

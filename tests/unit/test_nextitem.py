@@ -158,3 +158,29 @@ def test_cli_runs_the_next_item_protocol(tmp_path):
     assert res["protocol"] == "next-item" and res["summary"]["seeds"] == [0, 1]
     assert set(res["summary"]["models"]) == {"popularity", "sasrec"}
     assert res["summary"]["models"]["sasrec"]["hr@10"]["n"] == 2
+
+
+def test_position_subsampling_keeps_targets_aligned_and_state_loss_runs(split):
+    from trainer.losses import state_loss
+    from trainer.model.config import preset
+    from trainer.model.oneranker import OneRanker
+    from trainer.nextitem import oneranker_step_loss, subsample_positions
+
+    windows = training_windows(split, 8)
+    b = collate_windows(split, windows[:6], 8)
+    sub = subsample_positions(b, 3, torch.Generator().manual_seed(0))
+    assert sub["pos"].shape == (6, 3) and sub["targets"].shape == (6, 3, 3, 1)
+    for k in range(6):
+        pairs = {(int(p), int(t)) for p, t, v in zip(b["pos"][k], b["targets"][k, :, 1, 0], b["pos_valid"][k]) if v}
+        got = {(int(p), int(t)) for p, t, v in zip(sub["pos"][k], sub["targets"][k, :, 1, 0], sub["pos_valid"][k]) if v}
+        assert got <= pairs and len(got) == min(3, len(pairs))
+    cfg = preset("tiny", num_items=split.num_items, num_users=len(split.users), n_targets=1, num_negatives=0,
+                 train_positions=3, state_weight=1.0, use_step3=False, use_dc_loss=False)
+    model = OneRanker(cfg)
+    log_q = torch.zeros(split.num_items)
+    loss = oneranker_step_loss(model, b, cfg, log_q, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.item_table.grad is not None
+    out = model(b["user"], b["items"], b["actions"], b["times"], b["pos"], b["device"])
+    s = state_loss(model, out["h1"], b["pos"], b["targets"][:, :, 1] * b["pos_valid"].unsqueeze(-1), log_q, 0)
+    assert abs(float(s) - math.log(split.num_items - 2)) < 1.0  # ≈ uniform at initialisation

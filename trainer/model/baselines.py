@@ -46,6 +46,10 @@ class SASRec(nn.Module):
         self.user = nn.Embedding(cfg.num_users, d)
         self.pos = nn.Embedding(cfg.max_len + 1, d)
         nn.init.normal_(self.item.weight, std=0.05)
+        # The other input embeddings start small like the item's (nn.Embedding's default N(0, 1)
+        # would bury the item signal under position/user/action noise 20× its size).
+        for e in (self.action, self.user, self.pos):
+            nn.init.normal_(e.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ffn_mult * d, cfg.dropout,
                                            batch_first=True, norm_first=True)
         self.enc = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)

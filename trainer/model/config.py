@@ -66,6 +66,10 @@ class OneRankerConfig:
     # click counts made it slightly worse (prequential AUC 0.665 vs 0.674, 3 seeds).
     popularity_feature: bool = False
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
+    # Step-1 next-item loss: H1 at each query position scores the next target by dot product with
+    # the item table (dense, cheap supervision of the backbone, as SASRec/HSTU train), this weight
+    # next to L_MTP. 0 = off.
+    state_weight: float = 0.0
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see trainer/clipping.py
     weight_decay: float = 0.0

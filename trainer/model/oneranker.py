@@ -134,7 +134,7 @@ class OneRanker(nn.Module):
         it Step 3 checks the visible window only (``seen_in_history``)."""
         mem, mask = self.encode(user, items, actions, times, pos, device)
         task, fake, s_target = self.step2(mem, mask)
-        out = {"task": task, "fake": fake, "s_target": s_target}
+        out = {"task": task, "fake": fake, "s_target": s_target, "h1": mem[1][:, 0]}
         if cand is not None and pool is not None and self.cfg.rank_hard_negatives > 0:
             with torch.no_grad():
                 g = self.step2.score_all(task, s_target, self.item_table[pool]).mean(2)  # [B,P,M]
