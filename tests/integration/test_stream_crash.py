@@ -26,11 +26,14 @@ WORKER_ARGS = ["--click-window-ms", str(CLICK_MS), "--conversion-window-ms", str
                "--metrics-port", "0"]
 N_REQUESTS = 250
 REPLAY_SECONDS = 60.0  # a restart takes 10-20 s here (imports, Feast, the killed member times out)
+# Three kills, each after the restarted worker is processing again: with every core busy a restart
+# took up to 30 s, and a 60 s replay ended before the third kill.
+SIGKILL_REPLAY_SECONDS = 110.0
 
 
-def replay(tag: str):
+def replay(tag: str, seconds: float = REPLAY_SECONDS):
     requests, _ = load_requests("synthetic", seed=5, limit=N_REQUESTS)
-    speed = (max(r.ts for r in requests) - min(r.ts for r in requests)) / REPLAY_SECONDS
+    speed = (max(r.ts for r in requests) - min(r.ts for r in requests)) / seconds
     events = request_events(requests, int(time.time() * 1000) + 1000, speed)
     for _, d in events:  # unique ids per run: topics and Feast are shared with other tests
         d["user_id"] = f"{tag}-{d['user_id']}"
@@ -54,7 +57,7 @@ def reference(events):
 def test_sigkill_three_times_loses_nothing(broker, tmp_path):
     tag = uuid.uuid4().hex[:8]
     suffix = f".k{tag}"
-    requests, events = replay(tag)
+    requests, events = replay(tag, SIGKILL_REPLAY_SECONDS)
     want, sequences = reference(events)
     assert set(want) == {sample_id(f"{tag}-{r.user_id}", f"{tag}-{r.request_id}") for r in requests}
 
