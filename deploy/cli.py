@@ -74,6 +74,27 @@ def bench_serve_cmd(
     console.print(f"wrote {out}")
 
 
+def bench_freshness_cmd(
+    out: Path = typer.Option(Path("bench_freshness.json"), "--out", help="Write the results as JSON here."),
+    runs: int = typer.Option(3, "--runs", help="Runs of `oneranker up` (the medians are reported)."),
+    work_dir: Path = typer.Option(Path(".oneranker/bench-freshness"), "--work-dir",
+                                  help="State and logs of the runs (wiped per run)."),
+    limit: int = typer.Option(20000, "--limit", help="Interactions replayed per run (as `up --limit`)."),
+    speed: float = typer.Option(20000.0, "--speed", help="Replay speed (as `up --speed`)."),
+) -> None:
+    """End-to-end freshness of `oneranker up`, run several times: medians of p50/p95 and of each
+    stage (window, learn, checkpoint, export, validate, swap)."""
+    import json
+
+    from deploy.bench_freshness import print_table, run_bench
+
+    doc = run_bench(runs, work_dir, ["--limit", str(limit), "--speed", f"{speed:g}"])
+    print_table(doc)
+    out.write_text(json.dumps(doc, indent=2))
+    console.print(f"wrote {out}")
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     bench_app.command("serve")(bench_serve_cmd)
+    bench_app.command("freshness")(bench_freshness_cmd)

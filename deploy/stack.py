@@ -95,8 +95,10 @@ def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str,
                                            "--json", str(home / "exports.json"))),
     ]
     for i in range(1, opts.replicas + 1):
+        # one onnxruntime thread each: the replicas share 2 cores with everything else here
         specs.append(ServiceSpec(f"serve-{i}", _oneranker(
-            "serve", "--replica-id", f"serve-{i}", "--store", store_url, "--port", str(ports[f"serve-{i}"]))))
+            "serve", "--replica-id", f"serve-{i}", "--store", store_url, "--port", str(ports[f"serve-{i}"]),
+            "--threads", "1")))
     return specs
 
 
@@ -348,14 +350,41 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
             time.sleep(0.5)
     ok = all(v and v != first_version for v in versions.values())
     _show_results(client, ports, versions, requests, opts, fresh, counts)
+    diversity = _diversity(client, ports[next(iter(versions))], requests)
+    console.print(f"[bold]personalisation[/bold]: mean overlap of two users' top-10 lists "
+                  f"{diversity['mean_overlap@10']} over {diversity['users']} users (the same list for "
+                  f"everyone, as popularity gives, is 1.0)")
     client.close()
     summary = {"ok": ok, "first_version": first_version, "versions": versions,
                "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
+               "snapshots_published": len(manifests.seen_versions), "diversity": diversity,
                "restarts": {name: m.restarts for name, m in sup.services.items()}}
     (sup.log_dir.parent / "up-summary.json").write_text(json.dumps(summary, indent=2))
     if not ok:
         console.print("[red]the replicas did not reach a snapshot newer than the first one in time[/red]")
     return 0 if ok else 1
+
+
+def _diversity(client: httpx.Client, port: int, requests, n_users: int = 50) -> dict:
+    """Mean pairwise overlap |A ∩ B| / 10 of the top-10 lists a replica serves to the last
+    ``n_users`` active users: 1.0 when everyone gets the same list (popularity), lower when the
+    lists follow the users' histories."""
+    users: list[str] = []
+    for r in reversed(requests):
+        if r.user_id not in users:
+            users.append(r.user_id)
+        if len(users) == n_users:
+            break
+    lists = []
+    for u in users:
+        try:
+            r = client.post(f"http://127.0.0.1:{port}/v1/rank", json={"user_id": u, "k": 10}, timeout=10.0)
+            if r.status_code == 200:
+                lists.append({str(a["ad_id"]) for a in r.json()["items"]})
+        except (httpx.HTTPError, ValueError, KeyError):
+            continue
+    pairs = [len(a & b) / 10 for i, a in enumerate(lists) for b in lists[i + 1:]]
+    return {"users": len(lists), "mean_overlap@10": round(sum(pairs) / len(pairs), 3) if pairs else None}
 
 
 def _show_results(client, ports, versions, requests, opts, fresh, counts) -> None:
