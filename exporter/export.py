@@ -398,6 +398,7 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
     done = -1
     while not stop.is_set():
         pts = list_checkpoints(ckpt_dir)
+        before = done
         for pt in reversed(pts):
             try:
                 step = int(read_manifest(pt)["step"])
@@ -419,7 +420,8 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
             if on_result:
                 on_result(result)
             break
-        stop.wait(interval_s)
+        if done == before:  # nothing new; after an export, a checkpoint written meanwhile goes next
+            stop.wait(interval_s)
 
 
 def clean_dir(path: Path) -> None:
