@@ -266,6 +266,14 @@ class Staged:
             self._tmp = None
 
 
+def _serving_model(ckpt, min_item_rows: int):
+    """The checkpoint's model with stable shapes (tables padded, the corpus to at least the
+    catalog's size), so the traced graph is re-used across checkpoints."""
+    from trainer.checkpoint import build_model
+
+    return with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
+
+
 def untrained(ckpt) -> bool:
     """A checkpoint the trainer wrote before learning anything (its initial state)."""
     return (ckpt.extra or {}).get("samples_learned", None) == 0
@@ -278,10 +286,8 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     An untrained checkpoint (the trainer writes one when it starts fresh) is never published: it
     only warms the graph cache, so the first trace (20-60 s on 2 cores) runs while the trainer
     learns its first batches instead of after them."""
-    from trainer.checkpoint import build_model
-
     if untrained(ckpt) and not force:
-        model = with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
+        model = _serving_model(ckpt, min_item_rows)
         with tempfile.TemporaryDirectory(prefix="oneranker-warm-") as tmp:
             graph = export_graph(model, Path(tmp))
         return Staged(ExportResult("warmed", ckpt.step, report={"export": graph}))
@@ -294,8 +300,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
             cur_step = -1
         if cur_step >= ckpt.step:
             return Staged(ExportResult("up_to_date", ckpt.step, int(cur["version"])))
-    # stable shapes (the corpus padded to the catalog's size): the traced graph is re-used
-    model = with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
+    model = _serving_model(ckpt, min_item_rows)
     samples = load_holdout(ckpt, holdout_file)
     report: dict[str, Any] = {"holdout_samples": len(samples)}
     tmp = tempfile.TemporaryDirectory(prefix="oneranker-export-")

@@ -23,3 +23,13 @@ def clip_by_group(model, max_norm: float) -> None:
     """Clip each group of ``clip_groups(model)`` to ``max_norm`` on its own."""
     for group in clip_groups(model):
         torch.nn.utils.clip_grad_norm_(group, max_norm, foreach=True)
+
+
+def clipped_step(loss: torch.Tensor, opt, sched, groups, max_norm: float) -> None:
+    """One optimizer step of offline training: backward, clip each group on its own, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, max_norm)
+    opt.step()
+    sched.step()

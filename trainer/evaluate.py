@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.clipping import clip_groups
+from trainer.clipping import clip_groups, clipped_step
 from trainer.data import IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout
 from trainer.infer import rank_topk, score_candidates
 from trainer.losses import oneranker_loss
@@ -113,12 +113,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
                     loss, parts = oneranker_loss(model, out, batch, log_q, gen)
                 else:
                     loss, parts = model.loss(batch, log_q, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in groups:
-                torch.nn.utils.clip_grad_norm_(group, cfg.clip_norm)
-            opt.step()
-            sched.step()
+            clipped_step(loss, opt, sched, groups, cfg.clip_norm)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / steps_per_epoch
             if task is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.clipping import clip_groups
+from trainer.clipping import clip_groups, clipped_step
 from trainer.losses import mtp_loss, state_loss
 from trainer.model.baselines import Popularity, SASRec
 from trainer.model.config import ABLATIONS, preset as make_preset
@@ -152,12 +152,7 @@ def train(model, split: NextItemSplit, cfg, epochs: int, patience: int, dev, see
                 loss = oneranker_step_loss(model, b, cfg, log_q, gen)
             else:
                 loss, _ = model.loss(b, log_q, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for g in groups:
-                torch.nn.utils.clip_grad_norm_(g, cfg.clip_norm)
-            opt.step()
-            sched.step()
+            clipped_step(loss, opt, sched, groups, cfg.clip_norm)
             loss_sum += float(loss.detach()) / per_epoch
         v = evaluate(model, valid_batches, None, dev)
         curve.append({"epoch": ep + 1, "loss": round(loss_sum, 4), "valid_hr@10": round(v["hr@10"], 4),
