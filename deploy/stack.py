@@ -243,18 +243,19 @@ def run_up(opts: UpOptions) -> int:
 
 def _wait_for_export(path: Path, sup: Supervisor, timeout_s: float) -> str:
     """Poll the exporter's result file until it reports its first result (or give up)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
+    from oneranker.polling import wait_for
+
+    def first_result():
         sup.check()
         try:
-            results = json.loads(path.read_text())
-            if results:
-                r = results[0]
-                return f"{r['status']} ({(r.get('report') or {}).get('export', {}).get('export_s')} s)"
+            return (json.loads(path.read_text()) or [None])[0]
         except (OSError, ValueError):
-            pass
-        time.sleep(0.5)  # polling a file another process writes, with a deadline
-    return f"not yet after {timeout_s:.0f} s (the replay starts anyway)"
+            return None
+
+    r = wait_for(first_result, timeout_s, 0.5)
+    if r is None:
+        return f"not yet after {timeout_s:.0f} s (the replay starts anyway)"
+    return f"{r['status']} ({(r.get('report') or {}).get('export', {}).get('export_s')} s)"
 
 
 class _ManifestPoller:
@@ -369,13 +370,8 @@ def _diversity(client: httpx.Client, port: int, requests, n_users: int = 50) -> 
     """Mean pairwise overlap |A ∩ B| / 10 of the top-10 lists a replica serves to the last
     ``n_users`` active users: 1.0 when everyone gets the same list (popularity), lower when the
     lists follow the users' histories."""
-    users: list[str] = []
-    for r in reversed(requests):
-        if r.user_id not in users:
-            users.append(r.user_id)
-        if len(users) == n_users:
-            break
     lists = []
+    users = _last_users(requests, n_users)
     for u in users:
         try:
             r = client.post(f"http://127.0.0.1:{port}/v1/rank", json={"user_id": u, "k": 10}, timeout=10.0)
@@ -387,13 +383,19 @@ def _diversity(client: httpx.Client, port: int, requests, n_users: int = 50) -> 
     return {"users": len(lists), "mean_overlap@10": round(sum(pairs) / len(pairs), 3) if pairs else None}
 
 
-def _show_results(client, ports, versions, requests, opts, fresh, counts) -> None:
-    users = []
+def _last_users(requests, n: int) -> list[str]:
+    """The ``n`` users of the most recent requests, newest first."""
+    users: list[str] = []
     for r in reversed(requests):
         if r.user_id not in users:
             users.append(r.user_id)
-        if len(users) == opts.show_users:
+        if len(users) == n:
             break
+    return users
+
+
+def _show_results(client, ports, versions, requests, opts, fresh, counts) -> None:
+    users = _last_users(requests, opts.show_users)
     for name in versions:
         t = Table(title=f"{name}: top-10 ads (model {versions[name]})")
         t.add_column("user")
