@@ -189,14 +189,19 @@ def gate(candidate: dict, current: dict | None, tolerance: float, z: float = 2.0
 # --- parity --------------------------------------------------------------------------------
 
 def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2) -> dict:
-    """torch ``rank_topk`` (via ServingGraph) vs onnxruntime on probe users: the holdout's users
+    """torch ``rank_topk`` (the model's own corpus scores) vs onnxruntime on probe users: the holdout's users
     with their histories (and one batch with eligibility = their exposed ads) plus random inputs
     of other batch sizes / history lengths. Same top-K ids; max |score diff| ≤ PARITY_ATOL."""
     import torch
 
-    from trainer.infer import ServingGraph, example_inputs
+    from trainer.infer import rank_topk, serving_inputs
 
-    graph = ServingGraph(model.eval(), ranker.top_k).eval()
+    model = model.eval()
+
+    def graph(user, items, actions, times, device, eligible, seen=None):
+        # the model's own corpus scores (not the snapshot's precomputed table): parity checks both
+        seen_kw = {} if seen is None else ({"seen": seen} if seen.dtype == torch.bool else {"seen_ids": seen})
+        return rank_topk(model, user, items, actions, times, device, eligible, ranker.top_k, **seen_kw)
     batches = []
     rows = _sample_inputs(samples[:16])
     if rows:
@@ -205,12 +210,12 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
         batches.append(ranker.encode(seqs, users, devs, [[a.ad_id for a in r[3]] for r in rows]))
     cfg = model.cfg
     for j, (B, L) in enumerate([(3, cfg.max_len), (1, max(2, cfg.max_len // 3))][:n_random]):
-        args = example_inputs(cfg, B, L, torch.Generator().manual_seed(100 + j))
+        args = serving_inputs(cfg, B, L, torch.Generator().manual_seed(100 + j))
         batches.append(dict(zip(ranker.input_names, (a.numpy() for a in args))))
     max_diff, mismatches, n = 0.0, 0, 0
     for feeds in batches:
         with torch.no_grad():
-            t_ids, t_scores = graph(*(torch.from_numpy(feeds[name]) for name in ranker.input_names))
+            t_ids, t_scores = graph(*(torch.from_numpy(np.array(feeds[name])) for name in ranker.input_names))
         o_ids, o_scores = ranker.run(feeds)
         t_ids, t_scores = t_ids.numpy(), t_scores.numpy()
         valid = t_scores > NEG_HALF

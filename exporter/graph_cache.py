@@ -71,14 +71,24 @@ def signature(model, k: int) -> str:
 def trace(model, k: int):
     """Export the serving graph (dynamic batch and history, examples ≥ 2 in every dynamic dim) to an
     un-optimised ONNX ModelProto whose initializers carry the state_dict names."""
-    from trainer.infer import ServingGraph, dynamic_shapes, example_inputs
+    from trainer.infer import ServingGraph, dynamic_shapes, serving_inputs
 
     cfg = model.cfg
-    args = example_inputs(cfg, 2, cfg.max_len, torch.Generator().manual_seed(0))
+    args = serving_inputs(cfg, 2, cfg.max_len, torch.Generator().manual_seed(0))
     graph = ServingGraph(model.eval(), k).eval()
     program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
                                 external_data=False, optimize=False)
     return program.model_proto
+
+
+def serving_state(model) -> dict:
+    """Every initializer of the serving graph by its ONNX name: the model's state and the
+    ServingGraph's precomputed corpus table (trainer.infer.corpus_table)."""
+    from trainer.infer import corpus_table
+
+    state = {f"model.{name}": t for name, t in model.state_dict().items()}
+    state["corpus_t"] = corpus_table(model)
+    return state
 
 
 class GraphCache:
@@ -108,7 +118,7 @@ class GraphCache:
             return "traced"
         proto = onnx.ModelProto()
         proto.CopyFrom(template)
-        state = {f"model.{name}": t for name, t in model.state_dict().items()}
+        state = serving_state(model)
         replaced = 0
         for init in proto.graph.initializer:
             tensor = state.get(init.name)

@@ -3,15 +3,18 @@
 
 Encoding mirrors the trainer: ``trainer.data.history_arrays`` + ``collate_histories`` (left
 padding to the model's max_len, times relative to the newest token), user/item ids through the
-snapshot's own id maps (unknown → OOV), eligibility as a bool mask over the item table, and the
-items of the whole given history (the feature store keeps more tokens than max_len) as a second
-mask, ``seen``, for Step 3's seen-before flag.
+snapshot's own id maps (unknown → OOV), eligibility as a bool mask over the item table (the
+all-ads mask is built once per snapshot and batch size and re-used), and the items of the whole
+given history (the feature store keeps more tokens than max_len) as an index list, ``seen_ids``
+[B, H] (0-padded), for Step 3's seen-before flag. Snapshots exported before that took the same
+items as a dense [B, num_items] mask, ``seen``; they still load and get one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -22,9 +25,11 @@ from features.tokens import TokenSequence
 log = logging.getLogger(__name__)
 
 NEG_HALF = -1e9 / 2  # scores at or below this are "not a result" (trainer.infer.NEG masks)
-INPUT_NAMES = ("user", "items", "actions", "times", "device", "eligible", "seen")
-# Snapshots exported before the ``seen`` input still load and run: they get the first six.
+INPUT_NAMES = ("user", "items", "actions", "times", "device", "eligible", "seen_ids")
+# Older snapshots still load and run: a dense ``seen`` mask, or (before that) no seen input at all.
+DENSE_SEEN_INPUT_NAMES = INPUT_NAMES[:6] + ("seen",)
 LEGACY_INPUT_NAMES = INPUT_NAMES[:6]
+ACCEPTED_INPUT_NAMES = (INPUT_NAMES, DENSE_SEEN_INPUT_NAMES, LEGACY_INPUT_NAMES)
 
 
 def make_session(path: str | Path, threads: int | None = None, want_cuda: bool = True):
@@ -37,9 +42,14 @@ def make_session(path: str | Path, threads: int | None = None, want_cuda: bool =
     providers = (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in available else []) \
         + ["CPUExecutionProvider"]
     so = ort.SessionOptions()
+    # Deliberate settings: every graph optimisation (constant folding, MatMul/Transpose/GELU
+    # fusions), one inter-op thread (the graph is a chain: parallel branches buy nothing and a
+    # second pool competes for the same cores), intra-op threads as given (default: one per core).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
     so.log_severity_level = 3  # the GPU wheel logs an error for missing CUDA libs; we report below
     sess = ort.InferenceSession(str(path), so, providers=providers)
     actual = sess.get_providers()
@@ -68,9 +78,21 @@ class OnnxRanker:
         self.users = IdMap.from_dict(json.loads((snap_dir / "users.json").read_text()))
         self.session, self.providers = make_session(snap_dir / "model.onnx", threads, want_cuda)
         names = [i.name for i in self.session.get_inputs()]
-        if tuple(names) not in (INPUT_NAMES, LEGACY_INPUT_NAMES):
+        if tuple(names) not in ACCEPTED_INPUT_NAMES:
             raise ValueError(f"unexpected model inputs {names}")
         self.input_names = names
+        self._all_ads: dict[int, np.ndarray] = {}  # the all-ads eligibility mask by batch size
+
+    def _default_mask(self, B: int) -> np.ndarray:
+        """Eligibility = every mapped ad (read-only, built once per batch size)."""
+        mask = self._all_ads.get(B)
+        if mask is None:
+            mask = np.zeros((B, self.num_items), dtype=bool)
+            mask[:, 2:min(self.num_items, len(self.items))] = True  # not padding / OOV / unmapped rows
+            mask.flags.writeable = False
+            if B <= 8:
+                self._all_ads[B] = mask
+        return mask
 
     # --- encoding ------------------------------------------------------------------------
     def encode(self, seqs: Sequence[TokenSequence | None], user_ids: Sequence[str],
@@ -82,20 +104,27 @@ class OnnxRanker:
         hist = [history_arrays(s if s is not None else TokenSequence(), self.items, self.max_len)
                 for s in seqs]
         items, actions, times = collate_histories(hist, self.max_len)
-        mask = np.ones((B, self.num_items), dtype=bool)
-        mask[:, :2] = False  # padding / OOV
-        mask[:, len(self.items):] = False  # table rows no ad id maps to (yet)
-        for b, cands in enumerate(eligible or [None] * B):
-            if cands is not None:
-                mask[b] = False
-                idx = [i for i in self.items.lookup(cands) if 2 <= i < min(self.num_items, len(self.items))]
-                mask[b, idx] = True
-        seen = np.zeros((B, self.num_items), dtype=bool)
-        for b, s in enumerate(seqs):
-            if s is not None and len(s.item_ids):
-                idx = np.asarray(self.items.lookup(s.item_ids), np.int64)
-                seen[b, idx[idx < self.num_items]] = True
-        seen[:, :2] = False  # padding / OOV are never "seen"
+        if eligible is None or all(c is None for c in eligible):
+            mask = self._default_mask(B)
+        else:
+            mask = self._default_mask(B).copy()
+            for b, cands in enumerate(eligible):
+                if cands is not None:
+                    mask[b] = False
+                    idx = [i for i in self.items.lookup(cands) if 2 <= i < min(self.num_items, len(self.items))]
+                    mask[b, idx] = True
+        seen_rows = []
+        for s in seqs:
+            idx = np.asarray(self.items.lookup(s.item_ids) if s is not None and len(s.item_ids) else [], np.int64)
+            seen_rows.append(np.unique(idx[(idx > 1) & (idx < self.num_items)]))  # never padding / OOV
+        if self.input_names[-1] == "seen":  # an older snapshot: the dense mask
+            seen = np.zeros((B, self.num_items), dtype=bool)
+            for b, idx in enumerate(seen_rows):
+                seen[b, idx] = True
+        else:
+            seen = np.zeros((B, max([1] + [len(r) for r in seen_rows])), dtype=np.int64)
+            for b, idx in enumerate(seen_rows):
+                seen[b, :len(idx)] = idx
         arrays = (np.asarray(self.users.lookup(user_ids), np.int64), items.numpy(), actions.numpy(),
                   times.numpy(), np.asarray(devices if devices is not None else [0] * B, np.int64), mask, seen)
         return dict(zip(self.input_names, arrays))
@@ -105,10 +134,15 @@ class OnnxRanker:
         return ids, scores
 
     def rank(self, user_id: str, seq: TokenSequence | None, k: int, candidates: Sequence[str] | None = None,
-             device: int = 0) -> list[tuple[str, float]]:
-        """Top-k (ad id, score) for one request; fewer when fewer items are eligible."""
+             device: int = 0, timing: dict | None = None) -> list[tuple[str, float]]:
+        """Top-k (ad id, score) for one request; fewer when fewer items are eligible. ``timing``,
+        when given, receives the seconds spent encoding and in the session."""
+        t0 = time.perf_counter()
         feeds = self.encode([seq], [user_id], [device], [candidates] if candidates is not None else None)
+        t1 = time.perf_counter()
         ids, scores = self.run(feeds)
+        if timing is not None:
+            timing["encode"], timing["run"] = t1 - t0, time.perf_counter() - t1
         out = []
         for i, s in zip(ids[0][:k], scores[0][:k]):
             i = int(i)
@@ -119,8 +153,9 @@ class OnnxRanker:
                 out.append((key, float(s)))
         return out
 
-    def warm(self, rounds: int = 2) -> None:
-        """Run the graph at batch 1 and 2 so the first real request pays no first-run cost."""
+    def warm(self, rounds: int = 1, batches: Sequence[int] = (1,)) -> None:
+        """Run the graph (batch 1: what a replica serves) so the first real request pays no
+        first-run cost (buffer allocation, kernel selection)."""
         for _ in range(rounds):
-            for b in (1, 2):
+            for b in batches:
                 self.run(self.encode([None] * b, ["__warmup__"] * b))

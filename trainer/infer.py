@@ -17,12 +17,14 @@ NEG = -1e9
 
 
 def rank_topk(model, user, items, actions, times, device, eligible=None, k: int | None = None,
-              return_all: bool = False, seen=None):
+              return_all: bool = False, seen=None, seen_ids=None, corpus_t=None):
     """user [B], items/actions [B,L] (left-padded), times [B,L] float, device [B] (context),
     eligible [B, num_items] bool or None → (top-K ids [B,K], scores [B,K]).
     ``seen`` [B, num_items] bool or None: the items of the user's longer history (the feature
     store keeps more tokens than Step 1 reads); Step 3's seen-before flag is the window's or'ed
-    with it.
+    with it. ``seen_ids`` [B, H] int64 (0-padded) is the same as an index list (serving: no
+    corpus-sized input per request). ``corpus_t`` [d+k, num_items]: ``corpus_table(model)``
+    precomputed once per snapshot (serving), else the corpus side is computed here.
 
     With ``return_all`` also returns the merged retrieved set and both steps' scores on it
     (for the Step-2/Step-3 consistency metrics)."""
@@ -31,7 +33,10 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     pos = last_position(items)
     mem, mask = model.encode(user, items, actions, times, pos, device.view(-1, 1))
     task, fake, s_target = model.step2(mem, mask)
-    corpus = model.corpus_scores(task, s_target)[:, 0]  # [B, T, N]
+    if corpus_t is None:
+        corpus = model.corpus_scores(task, s_target)[:, 0]  # [B, T, N]
+    else:  # the same dual-channel score as one matmul against the precomputed corpus side
+        corpus = torch.cat([task, s_target], dim=-1)[:, 0] @ corpus_t  # [B, T, N]
     n_items = corpus.shape[-1]
     ok = torch.arange(n_items, device=corpus.device) >= 2  # never padding / OOV
     ok = ok.unsqueeze(0) if eligible is None else ok & eligible
@@ -44,12 +49,16 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [B, M, M]
     earlier = torch.ones(M, M, dtype=torch.bool, device=ids.device).tril(-1)
     dup = (same & earlier).any(-1)
-    gen = torch.gather(corpus.mean(1), 1, ids)  # bagged generator score of each retrieved item
+    # bagged generator score of each retrieved item (gathered first: no pass over the corpus)
+    gen = torch.gather(corpus, 2, ids.unsqueeze(1).expand(-1, corpus.shape[1], -1)).mean(1)
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
         flag = model.seen_in_history(items, pos, ids.unsqueeze(1))
         if seen is not None:
             flag = flag | torch.gather(seen, 1, ids).unsqueeze(1)
+        if seen_ids is not None:
+            hit = (ids.unsqueeze(-1) == seen_ids.unsqueeze(1)) & (seen_ids.unsqueeze(1) > 1)  # [B, M, H]
+            flag = flag | hit.any(-1).unsqueeze(1)
         score = model.rank(mem, mask, s2, ids.unsqueeze(1), flag, gen.unsqueeze(1))[0][:, 0]  # [B, M]
     else:
         score = gen
@@ -75,22 +84,39 @@ def score_candidates(model, user, items, actions, times, device, cand, seen=None
     return res
 
 
+@torch.no_grad()
+def corpus_table(model) -> torch.Tensor:
+    """The corpus side of the dual-channel score, [d + k, num_items]: the item embeddings and their
+    cosines to the k fake-item centroids (Step2.score_all), transposed for a plain MatMul."""
+    e = model.item_table.detach()
+    if model.step2.n_fake:
+        e = torch.cat([e, model.step2.item_side(e)], dim=1)
+    return e.T.contiguous()
+
+
 class ServingGraph(nn.Module):
-    """The exported serving graph: (user, items, actions, times, device, eligible, seen) → (ids, scores)."""
+    """The exported serving graph: (user, items, actions, times, device, eligible, seen_ids) → (ids, scores).
+
+    The corpus side of the scores is a buffer (``corpus_t``) computed when the graph is built, so a
+    request reads one [d+k, N] table instead of normalising the item table and projecting it on the
+    centroids every time; ``seen_ids`` [B, H] lists the items of the user's longer history."""
 
     def __init__(self, model, k: int | None = None):
         super().__init__()
         self.model = model
         self.k = k or model.cfg.top_k
+        self.register_buffer("corpus_t", corpus_table(model))
 
-    def forward(self, user, items, actions, times, device, eligible, seen):
-        return rank_topk(self.model, user, items, actions, times, device, eligible, self.k, seen=seen)
+    def forward(self, user, items, actions, times, device, eligible, seen_ids):
+        return rank_topk(self.model, user, items, actions, times, device, eligible, self.k, seen_ids=seen_ids,
+                         corpus_t=self.corpus_t)
 
 
 def dynamic_shapes(max_len: int) -> tuple:
     """The serving graph's dynamic dimensions: batch everywhere, history length up to max_len."""
     B, S = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=max_len)
-    return ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, {0: B})
+    H = torch.export.Dim("seen", min=1)
+    return ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, {0: B, 1: H})
 
 
 def export_onnx(model, path: str, batch: int = 2, seq_len: int | None = None, k: int | None = None):
@@ -99,7 +125,7 @@ def export_onnx(model, path: str, batch: int = 2, seq_len: int | None = None, k:
     cfg = model.cfg
     L = seq_len or cfg.max_len
     g = torch.Generator().manual_seed(0)
-    args = example_inputs(cfg, batch, L, g)
+    args = serving_inputs(cfg, batch, L, g)
     graph = ServingGraph(model.eval(), k).eval()
     prog = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
                              external_data=False)
@@ -117,3 +143,19 @@ def example_inputs(cfg, batch: int, seq_len: int, g: torch.Generator | None = No
     eligible = torch.rand(batch, cfg.num_items, generator=g) > 0.2
     seen = torch.rand(batch, cfg.num_items, generator=g) > 0.9
     return user, items, actions, times, device, eligible, seen
+
+
+def seen_index(seen: torch.Tensor, min_len: int = 2) -> torch.Tensor:
+    """A dense seen mask [B, N] → the serving graph's index list [B, H] (0-padded, H ≥ min_len)."""
+    rows = [torch.nonzero(r).flatten() for r in seen]
+    H = max([min_len] + [len(r) for r in rows])
+    out = torch.zeros(len(rows), H, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out
+
+
+def serving_inputs(cfg, batch: int, seq_len: int, g: torch.Generator | None = None):
+    """example_inputs in the serving graph's form (``seen`` as an index list)."""
+    *head, seen = example_inputs(cfg, batch, seq_len, g)
+    return (*head, seen_index(seen))

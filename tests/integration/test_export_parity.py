@@ -41,13 +41,18 @@ def _torch_vs_onnx(model, ranker, users, candidates=None):
     # The snapshot's tables are padded to a power-of-two size; rows past the real ones are never
     # eligible, so the unpadded torch model sees the same request with the mask cut to its size.
     n_items = model.cfg.num_items
-    assert not feeds["eligible"][:, n_items:].any() and not feeds["seen"][:, n_items:].any()
-    for b, u in enumerate(uids):  # ``seen`` = the whole given history's items, beyond max_len too
-        assert set(np.flatnonzero(feeds["seen"][b]).tolist()) == set(ranker.items.lookup(users[u].item_ids)) - {0, 1}
-    torch_feeds = {**feeds, "eligible": feeds["eligible"][:, :n_items], "seen": feeds["seen"][:, :n_items]}
+    # ``seen_ids`` = the whole given history's items (beyond max_len too) as an index list; torch
+    # gets them as the dense mask, so the graph's index-list flag is checked against it
+    seen = np.zeros((len(uids), ranker.num_items), dtype=bool)
+    for b, row in enumerate(feeds["seen_ids"]):
+        seen[b, row[row > 1]] = True
+    assert not feeds["eligible"][:, n_items:].any() and not seen[:, n_items:].any()
+    for b, u in enumerate(uids):
+        assert set(np.flatnonzero(seen[b]).tolist()) == set(ranker.items.lookup(users[u].item_ids)) - {0, 1}
+    torch_feeds = {**feeds, "eligible": feeds["eligible"][:, :n_items]}
     with torch.no_grad():
-        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(torch_feeds[n]) for n in ranker.input_names[:6]),
-                                    k=ranker.top_k, seen=torch.from_numpy(torch_feeds["seen"]))
+        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(np.array(torch_feeds[n])) for n in ranker.input_names[:6]),
+                                    k=ranker.top_k, seen=torch.from_numpy(seen[:, :n_items]))
     o_ids, o_scores = ranker.run(feeds)
     valid = t_scores.numpy() > -5e8
     assert np.abs(o_scores - t_scores.numpy())[valid].max() <= 1e-4

@@ -6,18 +6,18 @@ import onnxruntime as ort
 import torch
 
 from exporter.graph_cache import GraphCache
-from trainer.infer import example_inputs, rank_topk
+from trainer.infer import example_inputs, rank_topk, seen_index
 from trainer.model.config import preset
 from trainer.model.oneranker import OneRanker
 
 
 def run_both(model, path, cfg):
     args = example_inputs(cfg, 3, 12, torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad():  # the model's own corpus scores and the dense seen mask
         ids, scores = rank_topk(model.eval(), *args[:6], k=10, seen=args[6])
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    feed = {n: a.numpy() for n, a in zip(names, args)}
+    feed = {n: a.numpy() for n, a in zip(names, (*args[:6], seen_index(args[6])))}
     o_ids, o_scores = sess.run(None, feed)
     return ids.numpy(), scores.numpy(), o_ids, o_scores
 

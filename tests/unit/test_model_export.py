@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.infer import ServingGraph, example_inputs, export_onnx
+from trainer.infer import ServingGraph, export_onnx, serving_inputs
 from trainer.model.config import preset
 from trainer.model.oneranker import OneRanker
 
@@ -23,11 +23,11 @@ def test_small_preset_exports_and_matches_onnxruntime(tmp_path):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     assert sess.get_providers() == ["CPUExecutionProvider"]
     shapes = {i.name: i.shape for i in sess.get_inputs()}
-    assert tuple(shapes) == ("user", "items", "actions", "times", "device", "eligible", "seen")
+    assert tuple(shapes) == ("user", "items", "actions", "times", "device", "eligible", "seen_ids")
     assert all(not isinstance(s[0], int) for s in shapes.values())  # batch stayed dynamic (trap 1)
     graph = ServingGraph(m)
     for B, L, seed in ((3, cfg.max_len, 1), (1, 7, 2), (5, 20, 3)):  # other sizes than the example
-        args = example_inputs(cfg, B, L, torch.Generator().manual_seed(seed))
+        args = serving_inputs(cfg, B, L, torch.Generator().manual_seed(seed))
         with torch.no_grad():
             ids, scores = graph(*args)
         feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
