@@ -3,8 +3,10 @@
 Topology (all topics keyed by user_id, same partition count, so partition p of every topic holds the
 same users and is processed by the same worker):
 
-* source: ``oneranker.impressions`` + ``oneranker.clicks`` + ``oneranker.conversions`` — one agent
-  reads the three, in batches (``stream.take_events``).
+* source: ``oneranker.impressions`` + ``oneranker.clicks`` + ``oneranker.conversions`` — every
+  fetch of the three is handed to ``StreamWorker.on_records`` as one batch by the consumer's drain
+  loop (``faust_patches.deliver_in_batches``): no Faust stream per message. Faust still runs the
+  group (assignment, rebalances), offsets and commits, the changelogged table and its recovery.
 * table ``users`` (changelogged): one JSON ``UserState`` per user (streaming/joiner.py), and under
   the reserved key ``WATERMARK_KEY + <p>`` the event-time watermark of partition p, written after
   the users of a batch INTO THE SAME changelog partition: Kafka keeps one partition's order, so a
@@ -82,8 +84,7 @@ class WorkerOptions:
     store: str = "memory://"
     join: JoinConfig = field(default_factory=JoinConfig)
     idle_s: float = 2.0  # a topic-partition silent this long stops holding the watermark
-    batch_size: int = 10000
-    batch_within_s: float = 0.5
+    batch_size: int = 5000  # at most this many records per fetch, processed as one batch
     commit_interval_s: float = 1.0
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None/0: no HTTP endpoint
     feast: bool = True
@@ -206,7 +207,7 @@ class FeastPusher:
 class _Partition:
     def __init__(self, joiner: Joiner, clock: PartitionClock):
         self.joiner, self.clock = joiner, clock
-        self.last_event = None  # a strong ref: table writes need an event of this partition
+        self.last_message = None  # table writes go to the changelog partition of this message
 
 
 class StreamWorker:
@@ -337,15 +338,13 @@ class StreamWorker:
             self.reset()
 
     # -- processing ------------------------------------------------------------------------------
-    async def process_batch(self, events) -> None:
-        """``handle_batch`` with the crash rule of at-least-once.
-
-        ``take_events`` acks a batch when the agent's loop moves on, even when that is an exception
-        unwinding it, and an acked offset gets committed. A batch that failed half-way must never be
-        acked, so an error kills the process instead (the supervisor restarts it and the batch is
-        re-delivered). A cancellation (shutdown) lets the batch finish first, so its ack is true.
-        """
-        task = asyncio.ensure_future(self.handle_batch(events))
+    async def on_records(self, messages) -> None:
+        """One fetch of the source topics, straight from the consumer's drain loop
+        (``faust_patches.deliver_in_batches``), with the crash rule of at-least-once: a batch is
+        acknowledged only after it was processed, and a batch that failed half-way is never
+        acknowledged: the process exits (the supervisor restarts it and the batch is re-delivered).
+        A cancellation (shutdown) lets the batch finish first, so its acknowledgement is true."""
+        task = asyncio.ensure_future(self.handle_records(messages))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -362,43 +361,75 @@ class StreamWorker:
         logging.shutdown()
         os._exit(70)
 
-    async def handle_batch(self, events) -> None:
+    async def handle_records(self, messages) -> None:
+        """Track ``messages`` with the consumer, process them, acknowledge what was processed.
+
+        A fetch that meets a rebalance is dropped whole, untracked (the consumer seeks back to the
+        committed offsets, so it comes again). The check and the tracking are one step (no await
+        between them): once Faust has suspended the flow, nothing new is tracked, and what was
+        tracked before is waited for by the rebalance's ``wait_empty``."""
         async with self.lock:
-            t = time.perf_counter()
-            now = time.monotonic()
-            self.last_event_at = time.time()
-            if self.first_event_at is None:
-                self.first_event_at = self.last_event_at
-            touched: set[int] = set()
-            outcomes: Counter[tuple[str, str]] = Counter()
-            for ev in events:
-                msg = ev.message
-                if await self._skipped_ahead(msg):
-                    continue
-                etype = self.type_of_topic.get(msg.topic, "?")
-                self.offsets[(msg.topic, msg.partition)] = msg.offset
-                try:
-                    outcome = await self._handle_record(ev, etype, now)
-                except Exception as exc:  # a poison record never stops a partition: park it, go on
-                    log.exception("record %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
-                    await self._dead_letter(msg, etype, contract.Rejection(
-                        contract.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
-                    continue
-                if outcome is None:
-                    continue
-                self.stats[etype] += 1
-                outcomes[etype, outcome] += 1
-                touched.add(msg.partition)
-            for (etype, outcome), n in outcomes.items():  # one metrics update per batch
-                self.metrics.events.labels(etype).inc(n)
-                self.metrics.outcomes.labels(outcome).inc(n)
-                if outcome.startswith("late_"):
-                    self.metrics.late.labels(outcome[5:]).inc(n)
-            for p in touched:
-                await self._advance(p, now)
-            # Dead letters need no wait: Faust flushes the producer before it commits any offset.
-            self.last_batch_done_at = time.time()
-            self.metrics.batch_seconds.observe(time.perf_counter() - t)
+            app = self.app
+            if not app.flow_control.is_active():
+                return
+            generation = app.consumer_generation_id
+            consumer = app.consumer
+            track = consumer.track_message
+            messages = [m for m in messages if m.generation_id == generation]
+            for m in messages:
+                m.tracked = True
+                track(m)
+            done = await self.handle_batch(messages)
+            ack, message_out = consumer.ack, app.sensors.on_message_out
+            for m in done:
+                if ack(m):
+                    message_out(m.tp, m.offset, m)
+            skipped = consumer._unacked_messages
+            for m in messages:  # records held back by _skipped_ahead: untracked, never committed
+                if not m.acked:
+                    skipped.discard(m)
+
+    async def handle_batch(self, messages) -> list:
+        """Validate, dead-letter or join ``messages`` (any topic-partitions, each in offset order),
+        then advance the touched partitions: emit due samples, persist changed states. Returns the
+        messages that may be acknowledged (all but those held back by ``_skipped_ahead``)."""
+        done = []
+        t = time.perf_counter()
+        now = time.monotonic()
+        self.last_event_at = time.time()
+        if self.first_event_at is None:
+            self.first_event_at = self.last_event_at
+        touched: set[int] = set()
+        outcomes: Counter[tuple[str, str]] = Counter()
+        for msg in messages:
+            if await self._skipped_ahead(msg):
+                continue
+            done.append(msg)
+            etype = self.type_of_topic.get(msg.topic, "?")
+            self.offsets[(msg.topic, msg.partition)] = msg.offset
+            try:
+                outcome = await self._handle_record(msg, etype, now)
+            except Exception as exc:  # a poison record never stops a partition: park it, go on
+                log.exception("record %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
+                await self._dead_letter(msg, etype, contract.Rejection(
+                    contract.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+                continue
+            if outcome is None:
+                continue
+            self.stats[etype] += 1
+            outcomes[etype, outcome] += 1
+            touched.add(msg.partition)
+        for (etype, outcome), n in outcomes.items():  # one metrics update per batch
+            self.metrics.events.labels(etype).inc(n)
+            self.metrics.outcomes.labels(outcome).inc(n)
+            if outcome.startswith("late_"):
+                self.metrics.late.labels(outcome[5:]).inc(n)
+        for p in touched:
+            await self._advance(p, now)
+        # Dead letters need no wait: Faust flushes the producer before it commits any offset.
+        self.last_batch_done_at = time.time()
+        self.metrics.batch_seconds.observe(time.perf_counter() - t)
+        return done
 
     async def _skipped_ahead(self, msg) -> bool:
         """True when ``msg`` lies beyond a gap: records before it were never handed to this worker.
@@ -424,7 +455,6 @@ class StreamWorker:
                         REWIND_GIVE_UP_S)
             del self.rewinding[key]
             return False
-        msg.acked = True  # Faust skips acknowledged messages when it acks the batch
         if since is None or since[0] != expected:
             self.rewinding[key] = (expected, time.monotonic())
             self.gaps += 1
@@ -435,17 +465,16 @@ class StreamWorker:
             await self.app.consumer.seek(TP(msg.topic, msg.partition), expected)
         return True
 
-    async def _handle_record(self, ev, etype: str, now: float) -> str | None:
+    async def _handle_record(self, msg, etype: str, now: float) -> str | None:
         """Validate one record and fold it into its partition's joiner: the join outcome, or None
         when the record went to the dead-letter topic instead."""
-        msg = ev.message
         result = contract.validate(msg.value, etype, key=msg.key)
         if isinstance(result, contract.Rejection):
             await self._dead_letter(msg, etype, result)
             return None
         data = result.data
         part = self.partition(msg.partition)
-        part.last_event = ev
+        part.last_message = msg
         part.clock.observe(msg.topic, data["ts"], now)
         outcome = part.joiner.process(etype, data)
         if outcome == EXPIRED:
@@ -493,11 +522,14 @@ class StreamWorker:
         self.metrics.watermark.labels(str(p)).set(joiner.watermark if joiner.watermark > MIN_TS else 0)
 
     def _persist(self, part: _Partition, dirty: dict) -> None:
+        from faust.events import Event
         from faust.streams import _current_event
 
-        if part.last_event is None:
+        if part.last_message is None:
             return
-        token = _current_event.set(weakref.ref(part.last_event))
+        # Faust's tables send a write to the changelog partition of the current event's message
+        event = Event(self.app, part.last_message.key, None, None, part.last_message)
+        token = _current_event.set(weakref.ref(event))
         try:
             rows = {}
             for uid, st in dirty.items():
@@ -520,7 +552,7 @@ class StreamWorker:
                 return
             now = time.monotonic()
             for p, part in list(self.parts.items()):
-                if (part.last_event is not None
+                if (part.last_message is not None
                         and part.clock.current(now, self._caught_up(p)) > part.joiner.watermark):
                     await self._advance(p, now)
             self.metrics.pending.set(sum(pt.joiner.pending_requests() for pt in self.parts.values()))
@@ -574,7 +606,7 @@ def create_app(opts: WorkerOptions):
         broker_session_timeout=config.SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=config.HEARTBEAT_INTERVAL_MS / 1000,
         broker_commit_interval=opts.commit_interval_s,
-        broker_max_poll_records=5000,
+        broker_max_poll_records=opts.batch_size,  # one fetch = one batch (a state written once)
         stream_buffer_maxsize=65536,  # measured: +40 % events/s over the default 4096 here
         consumer_auto_offset_reset="earliest",
         topic_partitions=opts.partitions,
@@ -603,10 +635,9 @@ def create_app(opts: WorkerOptions):
     worker = StreamWorker(app, opts, users, metrics)
     app.oneranker_worker = worker
 
-    @app.agent(source, name="join")
-    async def join(stream):
-        async for events in stream.take_events(opts.batch_size, opts.batch_within_s):
-            await worker.process_batch(events)
+    # The hot path: each fetch of the source topics goes to the worker as one batch, not through
+    # a Faust stream (streaming/faust_patches.py §2); Faust keeps the group, offsets and tables.
+    faust_patches.deliver_in_batches(app, [source], worker.on_records)
 
     @app.timer(max(0.1, min(1.0, opts.idle_s / 4)), name="idle_flush")
     async def idle_flush():

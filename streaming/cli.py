@@ -36,9 +36,8 @@ def stream(
     history_len: int = typer.Option(config.DEFAULT_HISTORY_LEN, help="Tokens kept per user (N)."),
     history_actions: str = typer.Option("click,conversion", help="Actions that become tokens "
                                         "(impression,click,conversion)."),
-    batch_size: int = typer.Option(10000, help="At most this many events per stream.take_events "
-                                   "batch (a user's state is written once per batch)."),
-    batch_within_s: float = typer.Option(0.5, help="…or what arrived within this many seconds."),
+    batch_size: int = typer.Option(5000, help="At most this many events per fetch, processed as "
+                                   "one batch (a user's state is written once per batch)."),
     metrics_port: int = typer.Option(9102, envvar="ONERANKER_STREAM_METRICS_PORT",
                                      help="Prometheus /metrics port (0: off)."),
     feast: bool = typer.Option(True, help="Push user sequences/profiles to the Feast online store."),
@@ -59,7 +58,7 @@ def stream(
     opts = WorkerOptions(
         bootstrap=bootstrap_servers or config.settings().bootstrap_servers, app_id=app_id,
         topic_suffix=topic_suffix, data_dir=data_dir, store=store, join=join, idle_s=flush_idle_s,
-        batch_size=batch_size, batch_within_s=batch_within_s, metrics_port=metrics_port or None,
+        batch_size=batch_size, metrics_port=metrics_port or None,
         feast=feast, feast_online=feast_online)
     if worker_id:
         opts.worker_id = worker_id
