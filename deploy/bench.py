@@ -8,9 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,37 +22,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(url: str, users: list[str], n: int, concurrency: int, k: int = 10, timeout: float = 30.0) -> dict:
-    """``n`` POST /v1/rank requests from ``concurrency`` threads; latency percentiles and rps."""
+def load(urls: list[str] | str, users: list[str], n: int, concurrency: int, k: int = 10,
+         timeout: float = 30.0) -> dict:
+    """``n`` POST /v1/rank requests from ``concurrency`` bounded request loops of one asyncio client
+    (loop w talks to replica w mod len(urls)); latency percentiles, rps and the replica's own
+    per-stage durations (its Server-Timing header, medians)."""
+    import asyncio
+
     import httpx
 
+    urls = [urls] if isinstance(urls, str) else list(urls)
     lat: list[float] = []
+    stages: dict[str, list[float]] = {}
     errors = 0
-    lock = threading.Lock()
-    counter = iter(range(n))
 
-    def worker(w: int):
+    async def main():
         nonlocal errors
-        with httpx.Client(base_url=url, timeout=timeout) as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t0 = time.perf_counter()
-                r = c.post("/v1/rank", json={"user_id": users[(i * 7919 + w) % len(users)], "k": k})
-                dt = time.perf_counter() - t0
-                with lock:
-                    lat.append(dt)
-                    errors += r.status_code != 200
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        clients = [httpx.AsyncClient(base_url=u, timeout=timeout, limits=limits) for u in urls]
+        counter = iter(range(n))
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as ex:
-        list(ex.map(worker, range(concurrency)))
-    wall = time.perf_counter() - t0
+        async def loop(w: int):
+            nonlocal errors
+            c = clients[w % len(clients)]
+            for i in counter:  # shared: the loops stop together after n requests
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/v1/rank", json={"user_id": users[(i * 7919 + w) % len(users)], "k": k})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok, r = False, None
+                lat.append(time.perf_counter() - t0)
+                errors += not ok
+                if ok:
+                    for part in r.headers.get("server-timing", "").split(","):
+                        name, _, dur = part.strip().partition(";dur=")
+                        if dur:
+                            stages.setdefault(name, []).append(float(dur))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+        for c in clients:
+            await c.aclose()
+        return wall
+
+    wall = asyncio.run(main())
     a = np.asarray(lat) * 1000
-    return {"concurrency": concurrency, "requests": n, "errors": errors, "p50_ms": float(np.percentile(a, 50)),
-            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "rps": n / wall}
+    st = {name: float(np.median(v)) for name, v in stages.items()}
+    if st:
+        st["http_client"] = float(np.median(a)) - sum(st.values())  # outside the app: sockets, client
+    return {"concurrency": concurrency, "replicas": len(urls), "requests": n, "errors": errors,
+            "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "rps": n / wall, "stages_p50_ms": st}
 
 
 def _fetch(store, dest: Path):
@@ -62,17 +82,72 @@ def _fetch(store, dest: Path):
     return dest, store.fetch(v, dest)
 
 
-def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | None = None) -> list[dict]:
+def session_by_op(snap_dir: Path, users: dict, threads: int | None, runs: int = 20) -> dict:
+    """onnxruntime's profiler on the snapshot: mean ms per request by ONNX node type (top 10)."""
+    import collections
+
+    import onnxruntime as ort
+
+    from exporter.runtime import OnnxRanker
+
+    r = OnnxRanker(snap_dir, threads=threads, want_cuda=False)
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(snap_dir / "ort-profile")
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(snap_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ids = list(users)[:runs]
+    for u in ids:
+        sess.run(None, r.encode([users[u]], [u], [0]))
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            by[e["args"]["op_name"]] += e["dur"] / 1000 / len(ids)
+    out = {op: round(ms, 3) for op, ms in by.most_common(10)}
+    out["all_nodes"] = round(sum(by.values()), 3)
+    return out
+
+
+def _median_of(runs: list[dict]) -> dict:
+    """Medians over repeated load runs of every number (stages too); errors summed."""
+    out = dict(runs[0])
+    for key in ("p50_ms", "p95_ms", "p99_ms", "rps"):
+        out[key] = float(np.median([r[key] for r in runs]))
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["stages_p50_ms"] = {k: float(np.median([r["stages_p50_ms"].get(k, np.nan) for r in runs]))
+                            for k in runs[0]["stages_p50_ms"]}
+    out["runs"] = [{k: r[k] for k in ("p50_ms", "p99_ms", "rps", "errors")} for r in runs]
+    return out
+
+
+def _start_replica(name: str, store, port: int, tmp: Path, threads: int | None, token: str):
+    cmd = [sys.executable, "-m", "oneranker.cli", "serve", "--replica-id", name,
+           "--store", store.url, "--port", str(port), "--features", str(tmp / "users.json"),
+           "--no-kafka", "--poll-s", "3600", "--cache-dir", str(tmp / f"cache-{name}"), "--no-cuda"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    log = open(tmp / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "ONERANKER_ADMIN_TOKEN": token})
+
+
+def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | None = None,
+              repeats: int = 3, swaps: int = 3) -> list[dict]:
     import logging
 
     import httpx
 
+    from deploy.bare_graph import export_bare, time_bare
     from exporter.runtime import OnnxRanker
     from exporter.store import SnapshotStore
     from exporter.synthetic import make_model, make_users, publish_model
 
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    token = "bench-admin"
     results = []
     for preset_name in presets:
         for n_items in corpora:
@@ -85,61 +160,90 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                 model_bytes = sum(f["size"] for n, f in doc["files"].items() if n.startswith("model.onnx"))
                 users = make_users(1002, n_items + 2, model.cfg.max_len, 1000, seed=1)
                 (tmp / "users.json").write_text(json.dumps({u: q.to_dict() for u, q in users.items()}))
-                # the model alone (one onnxruntime session, batch 1, same process)
-                ranker = OnnxRanker(*_fetch(store, tmp / "direct"), threads=threads)
-                ranker.warm()
                 ids = list(users)
-                direct = []
-                for u in ids[:100]:
+                # the bare reference graph (same steps and sizes, nothing else), same process and threads
+                bare = time_bare(export_bare(model.cfg, n_items + 2, doc["model"]["top_k"], tmp / "bare.onnx"),
+                                 model.cfg.max_len, n_items + 2, threads)
+                # the model alone (one onnxruntime session, batch 1, same process): encode and run
+                snap_dir, _ = _fetch(store, tmp / "direct")
+                ranker = OnnxRanker(snap_dir, threads=threads, want_cuda=False)
+                ranker.warm()
+                enc, run = [], []
+                for u in ids[:200]:
                     t0 = time.perf_counter()
-                    ranker.rank(u, users[u], 10)
-                    direct.append(time.perf_counter() - t0)
+                    feeds = ranker.encode([users[u]], [u], [0])
+                    t1 = time.perf_counter()
+                    ranker.run(feeds)
+                    enc.append(t1 - t0)
+                    run.append(time.perf_counter() - t1)
                 providers = ranker.providers
                 del ranker
-                # the replica: its own process (`oneranker serve`), HTTP on 127.0.0.1
-                port = _free_port()
-                cmd = [sys.executable, "-m", "oneranker.cli", "serve", "--replica-id", f"bench-{preset_name}-{n_items}",
-                       "--store", store.url, "--port", str(port), "--features", str(tmp / "users.json"),
-                       "--no-kafka", "--poll-s", "3600", "--cache-dir", str(tmp / "cache")]
-                if threads:
-                    cmd += ["--threads", str(threads)]
-                log = open(tmp / "replica.log", "w")
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-                url = f"http://127.0.0.1:{port}"
+                by_op = session_by_op(snap_dir, users, threads)
+                # two replicas: their own processes (`oneranker serve`), HTTP on 127.0.0.1
+                ports = [_free_port(), _free_port()]
+                urls = [f"http://127.0.0.1:{p}" for p in ports]
                 t0 = time.perf_counter()
+                procs = [_start_replica(f"bench-{preset_name}-{n_items}-{i}", store, p, tmp, threads, token)
+                         for i, p in enumerate(ports)]
                 try:
-                    deadline = time.monotonic() + 180
-                    while True:
-                        try:
-                            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            pass
-                        if proc.poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"replica did not become ready; see {tmp / 'replica.log'}")
-                        time.sleep(0.2)
+                    deadline = time.monotonic() + 300
+                    for url, proc in zip(urls, procs):
+                        while True:
+                            try:
+                                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                                    break
+                            except httpx.HTTPError:
+                                pass
+                            if proc.poll() is not None or time.monotonic() > deadline:
+                                raise RuntimeError(f"replica did not become ready; see {tmp}/*.log")
+                            time.sleep(0.2)
                     ready_s = time.perf_counter() - t0
-                    with httpx.Client(base_url=url) as c:  # warm the HTTP path
-                        for u in ids[:10]:
-                            c.post("/v1/rank", json={"user_id": u, "k": 10}).raise_for_status()
-                    swap = httpx.get(f"{url}/metrics").text
-                    swap_s = float(next(line.rsplit(" ", 1)[1] for line in swap.splitlines()
-                                        if line.startswith("oneranker_serve_last_swap_seconds{")))
-                    for conc in (1, 8):
-                        r = load(url, ids, n, conc)
-                        d = np.asarray(direct) * 1000
-                        results.append({"preset": preset_name, "corpus": n_items, "export_s": round(export_s, 1),
-                                        "process_ready_s": round(ready_s, 1), "swap_s": round(swap_s, 2),
-                                        "model_bytes": model_bytes, "model_only_p50_ms": float(np.percentile(d, 50)),
-                                        "model_only_p99_ms": float(np.percentile(d, 99)),
-                                        "providers": providers, "host": platform.node(),
-                                        "loadavg_1m": os.getloadavg()[0], **r})
+                    for url in urls:  # warm the HTTP path
+                        with httpx.Client(base_url=url) as c:
+                            for u in ids[:10]:
+                                c.post("/v1/rank", json={"user_id": u, "k": 10}).raise_for_status()
+                    # hot swaps of replica 0 (the same files re-published as new versions)
+                    swap_docs = []
+                    for j in range(swaps):
+                        src = tmp / f"republish-{j}"
+                        m = store.fetch(1, src)
+                        (src / "manifest.json").unlink()
+                        v = store.publish(src, {"checkpoint_step": 2 + j, "model": m["model"]})["version"]
+                        store.set_current(v)
+                        r = httpx.post(f"{urls[0]}/admin/reload", timeout=120,
+                                       headers={"Authorization": f"Bearer {token}"})
+                        r.raise_for_status()
+                        swap_docs.append(httpx.get(f"{urls[0]}/readyz", timeout=10).json()["last_swap"])
+                    swap = {k: float(np.median([d[k] for d in swap_docs])) for k in ("s", "fetch_s", "build_s", "warm_s")}
+                    httpx.post(f"{urls[1]}/admin/reload", timeout=120,
+                               headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+                    base = {"preset": preset_name, "corpus": n_items, "export_s": round(export_s, 1),
+                            "process_ready_s": round(ready_s, 1), "swap_s": swap["s"], "swap_stages_s": swap,
+                            "model_bytes": model_bytes, "threads": threads,
+                            "model_only_p50_ms": float(np.percentile(run, 50)) * 1000,
+                            "model_only_p99_ms": float(np.percentile(run, 99)) * 1000,
+                            "encode_p50_ms": float(np.percentile(enc, 50)) * 1000,
+                            "session_by_op_ms": by_op,
+                            "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
+                            "bare_session_ready_s": bare["session_ready_s"],
+                            "providers": providers, "host": platform.node()}
+                    rps1 = None
+                    for conc, targets in ((1, urls[:1]), (8, urls)):
+                        la0 = os.getloadavg()
+                        r = _median_of([load(targets, ids, n, conc) for _ in range(repeats)])
+                        rps1 = r["rps"] if conc == 1 else rps1
+                        results.append({**base, **r, "loadavg_start": la0, "loadavg_1m": os.getloadavg()[0],
+                                        "served_over_bare_p50": r["p50_ms"] / bare["p50_ms"],
+                                        "served_over_bare_p99": r["p99_ms"] / bare["p99_ms"],
+                                        "rps_over_c1": r["rps"] / rps1})
                 finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                    for proc in procs:
+                        proc.terminate()
+                    for proc in procs:
+                        try:
+                            proc.wait(timeout=15)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
     return results
 
 
@@ -147,14 +251,20 @@ def print_table(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="oneranker bench serve (one replica process, HTTP on 127.0.0.1; model p50 = "
-                    "onnxruntime alone, batch 1; swap = download+verify+session+warm-up)")
-    for col in ("preset", "corpus", "conc", "p50 ms", "p95 ms", "p99 ms", "req/s", "errors", "model p50 ms",
-                "swap s", "MB"):
+    t = Table(title="oneranker bench serve (replica processes, HTTP on 127.0.0.1, asyncio client; medians "
+                    "of repeated runs; c=1 on one replica, c=8 over two; bare = the same steps and sizes "
+                    "alone in onnxruntime, batch 1; model = the snapshot's session alone; swap = "
+                    "download+verify+session+warm-up)")
+    for col in ("preset", "corpus", "conc", "p50 ms", "p99 ms", "req/s", "×c1", "errors", "bare p50/p99",
+                "served/bare p50", "p99", "model p50", "run/encode/feast/pre/post/http p50", "swap s", "load"):
         t.add_column(col, justify="right")
     for r in results:
-        t.add_row(r["preset"], f"{r['corpus']:,}", str(r["concurrency"]), f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
-                  f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}", str(r["errors"]), f"{r['model_only_p50_ms']:.1f}",
-                  f"{r['swap_s']:.2f}",
-                  f"{r['model_bytes'] / 1e6:.1f}")
-    Console().print(t)
+        st = r.get("stages_p50_ms") or {}
+        stages = "/".join(f"{st.get(k, float('nan')):.1f}" for k in ("run", "encode", "feast", "pre", "post",
+                                                                      "http_client"))
+        t.add_row(r["preset"], f"{r['corpus']:,}", f"{r['concurrency']}×{r.get('replicas', 1)}",
+                  f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}", f"{r.get('rps_over_c1', 1):.2f}",
+                  str(r["errors"]), f"{r['bare_p50_ms']:.1f}/{r['bare_p99_ms']:.1f}",
+                  f"{r['served_over_bare_p50']:.2f}", f"{r['served_over_bare_p99']:.2f}",
+                  f"{r['model_only_p50_ms']:.1f}", stages, f"{r['swap_s']:.2f}", f"{r['loadavg_1m']:.1f}")
+    Console(width=220).print(t)

@@ -58,18 +58,29 @@ def bench_serve_cmd(
     presets: str = typer.Option("small,paper", "--presets", help="Comma-separated model presets."),
     corpora: Optional[str] = typer.Option(None, "--corpora", help="Comma-separated corpus sizes "
                                           "(default 1000,100000; --quick 1000,10000)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
+    threads: Optional[int] = typer.Option(1, "--threads", help="onnxruntime intra-op threads per replica "
+                                          "(and for the bare graph; 0 = all cores)."),
+    repeats: int = typer.Option(3, "--repeats", help="Load runs per concurrency level (medians reported)."),
 ) -> None:
-    """p50/p95/p99 latency and requests/s of one replica over HTTP at concurrency 1 and 8, per preset
-    and corpus size (untrained weights)."""
+    """p50/p95/p99 latency and requests/s over HTTP at concurrency 1 (one replica) and 8 (two
+    replicas), per preset and corpus size (untrained weights), with the served path's stages, the
+    session's time by ONNX node type, a bare graph of the same steps and sizes timed in the same run
+    (served/bare ratios) and hot-swap times."""
     import json
+    import os
+    import time
 
     from deploy.bench import print_table, run_bench
 
     sizes = [int(x) for x in (corpora or ("1000,10000" if quick else "1000,100000")).split(",")]
-    n = requests or (100 if quick else 400)
-    results = run_bench([p.strip() for p in presets.split(",")], sizes, n, threads=threads)
+    n = requests or (100 if quick else 300)
+    started = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg(),
+               "cpus": os.cpu_count()}
+    results = run_bench([p.strip() for p in presets.split(",")], sizes, n, threads=threads or None,
+                        repeats=repeats)
     print_table(results)
+    for r in results:
+        r["run_started"] = started
     out.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out}")
 

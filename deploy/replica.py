@@ -118,6 +118,7 @@ class Replica:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.kafka_status = "disabled"
+        self.last_swap: dict | None = None  # seconds of the last swap, by stage (readyz)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,8 +250,10 @@ class Replica:
             self.metrics.rejected.labels(replica=self.replica_id, reason="fetch_error").inc()
             shutil.rmtree(dest, ignore_errors=True)
             return False
+        t_fetch = time.perf_counter()
         try:
             ranker = OnnxRanker(dest, manifest, threads=self.threads, want_cuda=self.want_cuda)
+            t_build = time.perf_counter()
             ranker.warm()
         except Exception as exc:  # noqa: BLE001 - verified files that do not load: refused
             self._refuse(version, "load", f"{exc.__class__.__name__}: {exc}", dest)
@@ -259,7 +262,10 @@ class Replica:
         self.active = ranker  # the swap: one reference assignment
         self.metrics.version.set(version)
         self.metrics.swaps.inc()
-        self.metrics.swap_seconds.set(time.perf_counter() - t0)
+        t_end = time.perf_counter()
+        self.metrics.swap_seconds.set(t_end - t0)
+        self.last_swap = {"version": version, "s": t_end - t0, "fetch_s": t_fetch - t0,
+                          "build_s": t_build - t_fetch, "warm_s": t_end - t_build}
         log.info("[%s] serving snapshot %d (was %s; %s; %.2f s; providers %s)", self.replica_id, version,
                  old.version if old else None, reason, time.perf_counter() - t0, ranker.providers)
         if old is not None:
@@ -288,6 +294,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # when the request reached the app: the handler reports receive + decode + dispatch from it
+        scope.setdefault("state", {})["t_in"] = time.perf_counter()
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -333,6 +341,9 @@ async def _send_json(send, status: int, doc: dict) -> None:
 from typing import Literal, Optional  # noqa: E402
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr  # noqa: E402
+# module level: the handlers' annotations are strings (PEP 563), resolved against these globals
+from starlette.requests import Request as HTTPRequest  # noqa: E402
+from starlette.responses import Response as HTTPResponse  # noqa: E402
 
 
 class RankRequest(BaseModel):
@@ -382,7 +393,7 @@ def create_app(replica: Replica):
         return JSONResponse({"error": f"internal error: {exc.__class__.__name__}"}, status_code=500)
 
     @app.post("/v1/rank")
-    def rank(req: RankRequest):
+    def rank(req: RankRequest, request: HTTPRequest, response: HTTPResponse):
         t0 = time.perf_counter()
         active = replica.active  # read once: this request finishes on this snapshot
         if active is None:
@@ -390,6 +401,7 @@ def create_app(replica: Replica):
             return JSONResponse({"error": "no model loaded yet"}, status_code=503)
         try:
             seq = replica.tokens.get(req.user_id)
+            t_feast = time.perf_counter()
         except Exception as exc:  # noqa: BLE001
             log.error("[%s] feature store read failed: %s", replica.replica_id, exc)
             replica.metrics.requests.labels(replica=replica.replica_id, status="503").inc()
@@ -400,14 +412,24 @@ def create_app(replica: Replica):
         unknown = 0
         if req.candidates is not None:
             unknown = sum(1 for c in req.candidates if c not in active.items.index)
+        timing: dict[str, float] = {}
         items = active.rank(req.user_id, seq, min(req.k, active.top_k), req.candidates,
-                            DEVICE_INDEX.get(req.device or "", 0))
-        replica.metrics.latency.observe(time.perf_counter() - t0)
+                            DEVICE_INDEX.get(req.device or "", 0), timing=timing)
+        doc = {"user_id": req.user_id, "model_version": active.version, "replica_id": replica.replica_id,
+               "cold_start": cold, "known_user": req.user_id in active.users.index,
+               "unknown_candidates": unknown,
+               "items": [{"rank": i + 1, "ad_id": a, "score": s} for i, (a, s) in enumerate(items)]}
+        t_end = time.perf_counter()
+        replica.metrics.latency.observe(t_end - t0)
         replica.metrics.requests.labels(replica=replica.replica_id, status="200").inc()
-        return {"user_id": req.user_id, "model_version": active.version, "replica_id": replica.replica_id,
-                "cold_start": cold, "known_user": req.user_id in active.users.index,
-                "unknown_candidates": unknown,
-                "items": [{"rank": i + 1, "ad_id": a, "score": s} for i, (a, s) in enumerate(items)]}
+        # per-stage durations (ms) for `oneranker bench serve`: before the handler (receive, decode,
+        # thread dispatch), Feast read, input building, session run, everything else in the handler
+        t_in = (request.scope.get("state") or {}).get("t_in", t0)
+        stages = {"pre": t0 - t_in, "feast": t_feast - t0, "encode": timing.get("encode", 0.0),
+                  "run": timing.get("run", 0.0)}
+        stages["post"] = max(0.0, t_end - t_feast - stages["encode"] - stages["run"])
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in stages.items())
+        return doc
 
     @app.get("/healthz")
     def healthz():
@@ -419,7 +441,8 @@ def create_app(replica: Replica):
         if active is None:
             return JSONResponse({"ready": False, "reason": "no verified model loaded"}, status_code=503)
         return {"ready": True, "model_version": active.version, "providers": active.providers,
-                "replica_id": replica.replica_id, "announcements": replica.kafka_status}
+                "replica_id": replica.replica_id, "announcements": replica.kafka_status,
+                "last_swap": replica.last_swap}
 
     @app.get("/metrics")
     def metrics():
