@@ -87,7 +87,21 @@ def evaluate_cmd(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast in training (default: CUDA only)."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (every model), repeatable."),
 ) -> None:
-    """Offline evaluation: train and evaluate models on one dataset (trainer/evaluate.py)."""
+    """Offline evaluation: train and evaluate models on one dataset (trainer/evaluate.py; the UniROM
+    family's auction harness, trainer/unirom_eval.py, when every model is one of its models)."""
+    names = [m.strip() for m in (models or "").split(",") if m.strip()]
+    if names and protocol == "ad-request":
+        from trainer.unirom_eval import MODELS as AUCTION_MODELS
+
+        if set(names) <= set(AUCTION_MODELS):
+            from trainer.unirom_eval import run as run_auction
+
+            run_auction(",".join(names), dataset, limit, seeds or str(seed), threads=threads,
+                        out=str(out) if out else None, sets=set_, **({"mca_epochs": epochs} if epochs else {}))
+            return
+        if set(names) & set(AUCTION_MODELS):
+            raise typer.BadParameter(f"run {', '.join(AUCTION_MODELS)} apart from the other models (their own "
+                                     "harness: auctions, eCTR/eRPM/IC)", param_hint="--models")
     from trainer.evaluate import run
 
     run(seed, seeds, str(out) if out else None, set_, protocol, patience, dataset=dataset, models=models, preset=preset,

@@ -271,7 +271,7 @@ def train_rlaf(model: UniROM, data: URData, epochs: float, seed: int, log=print)
         tot["greedy_revenue"] += float(g_rev.mean()) / steps
         if s % 100 == 0:
             log(f"  rlaf {s}/{steps} marginal={float(reward.sum(1).mean()):.4f} greedy_rev={float(g_rev.mean()):.4f} "
-                f"w={[round(float(w), 3) for w in model.generator.bid_weight]}")
+                f"w={[round(float(w), 3) for w in model.generator.bid_weight.detach()]}")
     model.generator.eval()
     return tot
 
