@@ -1,4 +1,4 @@
-"""``oneranker bench train``: training throughput of the online learner (trainer.online) per preset.
+"""``oneranker bench train``: training throughput of the online learner (trainer/learner.py) per preset.
 
 Samples come from the movielens-100k replay (trainer.replay_samples); each run is a fresh learner
 doing ``warmup`` + ``steps`` micro-batches (test-then-train, exactly the streaming trainer's step).
@@ -32,8 +32,9 @@ def bench_train(presets=("small", "paper"), quick: bool = False, device: str = "
     from rich.console import Console
     from rich.table import Table
 
+    from trainer.batching import resolve_device
+    from trainer.learner import OnlineLearner
     from trainer.model.config import preset as make_preset
-    from trainer.online import OnlineLearner, resolve_device
     from trainer.replay_samples import load_samples
 
     torch.set_num_threads(threads)

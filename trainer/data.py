@@ -1,7 +1,6 @@
-"""Ids, offline examples and collation.
+"""Histories and the offline harness's examples (batches are made in trainer/batching.py).
 
-* ``IdMap``: string id → contiguous index; 0 = padding, 1 = unknown/OOV; grows with ``get_or_add``;
-  saved/loaded as a plain ``{key: index}`` dict.
+* Ids: ``IdMap`` (trainer/vocab.py); 0 = padding, 1 = unknown/OOV.
 * Histories come from ``features.tokens.TokenSequence`` (the streaming worker's builder):
   a request's history is ``seq.as_of(request.ts).last(max_len)`` — never anything after the request.
 * Padding is on the LEFT: the newest token always sits at index L of the ``[user; items]`` layout,
@@ -12,54 +11,18 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from features.tokens import Action, TokenSequence
+from trainer.vocab import OOV, PAD, IdMap  # noqa: F401 - IdMap, PAD and OOV are part of this module's API
 
-PAD, OOV = 0, 1
 DEVICE_INDEX = {"ios": 1, "android": 2, "web": 3}  # 0 = unknown
 # Value of a shown ad after the fact: the click's bid (what the platform earns) plus a share of the
 # advertiser's conversion value. Used for value-weighted ranking losses and metrics.
 CONV_VALUE_SHARE = 0.05
-
-
-class IdMap:
-    """String id ↔ contiguous index. Index 0 is padding, 1 is unknown/OOV."""
-
-    def __init__(self, index: dict[str, int] | None = None):
-        self.index: dict[str, int] = {}
-        self.keys: list[str | None] = [None, None]
-        for k, i in sorted((index or {}).items(), key=lambda kv: kv[1]):
-            self.index[k] = i
-            while len(self.keys) <= i:
-                self.keys.append(None)
-            self.keys[i] = k
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def get_or_add(self, key: str) -> int:
-        i = self.index.get(key)
-        if i is None:
-            i = self.index[key] = len(self.keys)
-            self.keys.append(key)
-        return i
-
-    def get(self, key: str) -> int:
-        return self.index.get(key, OOV)
-
-    def lookup(self, keys: Iterable[str]) -> list[int]:
-        return [self.index.get(k, OOV) for k in keys]
-
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.index)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "IdMap":
-        return cls({str(k): int(v) for k, v in d.items()})
 
 
 def history_arrays(seq: TokenSequence, items: IdMap, max_len: int):
@@ -68,14 +31,15 @@ def history_arrays(seq: TokenSequence, items: IdMap, max_len: int):
     return items.lookup(s.item_ids), list(s.actions), list(s.event_times)
 
 
-def collate_histories(histories: Sequence[tuple[list[int], list[int], list[int]]], max_len: int,
-                      ref_times: Sequence[float] | None = None):
-    """Left-pad histories to [B, max_len]. Times become float seconds relative to ``ref_times``
-    (default: each row's newest token), small enough for float32."""
+def pad_histories(histories: Sequence[tuple[Sequence[int], Sequence[int], Sequence[float]]], max_len: int,
+                  ref_times: Sequence[float] | None = None, time_unit_s: float = 1.0):
+    """Left-pad histories to numpy [B, max_len] (items, actions int64; times float32). Times become
+    seconds relative to ``ref_times`` (default: each row's newest token), small enough for float32;
+    ``time_unit_s``: the input's time unit per second (1000 for the samples' milliseconds)."""
     B = len(histories)
     items = np.zeros((B, max_len), np.int64)
     actions = np.zeros((B, max_len), np.int64)
-    times = np.zeros((B, max_len), np.float64)
+    times = np.zeros((B, max_len), np.float32)
     for b, (it, ac, tm) in enumerate(histories):
         it, ac, tm = it[-max_len:], ac[-max_len:], tm[-max_len:]
         n = len(it)
@@ -83,8 +47,15 @@ def collate_histories(histories: Sequence[tuple[list[int], list[int], list[int]]
             items[b, max_len - n:] = it
             actions[b, max_len - n:] = ac
             ref = ref_times[b] if ref_times is not None else tm[-1]
-            times[b, max_len - n:] = np.asarray(tm, np.float64) - ref
-    return torch.from_numpy(items), torch.from_numpy(actions), torch.from_numpy(times.astype(np.float32))
+            rel = np.asarray(tm, np.float64) - ref
+            times[b, max_len - n:] = rel / time_unit_s if time_unit_s != 1.0 else rel
+    return items, actions, times
+
+
+def collate_histories(histories: Sequence[tuple[list[int], list[int], list[int]]], max_len: int,
+                      ref_times: Sequence[float] | None = None):
+    """``pad_histories`` as torch tensors (the serving encoder's and the next-item protocol's)."""
+    return tuple(torch.from_numpy(a) for a in pad_histories(histories, max_len, ref_times))
 
 
 def last_position(items: torch.Tensor) -> torch.Tensor:
@@ -93,19 +64,9 @@ def last_position(items: torch.Tensor) -> torch.Tensor:
     return torch.where(items[:, -1:] > 0, torch.full_like(items[:, -1:], L), torch.zeros_like(items[:, -1:]))
 
 
-def pad_candidates(cands: Sequence[Sequence[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad candidate lists → ids [B, C] (0 = padding) and a validity mask [B, C]."""
-    width = width or max(1, max(len(c) for c in cands))
-    ids = np.zeros((len(cands), width), np.int64)
-    for b, c in enumerate(cands):
-        ids[b, : len(c)] = c[:width]
-    t = torch.from_numpy(ids)
-    return t, t > 0
-
-
 # ------------------------------------------------------------------------------------------
-# Offline examples from the ad layer's requests (used by evaluate; the streaming trainer builds
-# the same Query objects from samples).
+# Offline examples from the ad layer's requests (used by evaluate; the online trainer builds the
+# same Query objects from samples: trainer.batching.sample_query).
 
 
 @dataclass
@@ -121,6 +82,7 @@ class Query:
     targets: list[list[int]]  # per funnel stage (impression, click, conversion): future targets
     conv_values: list[float]  # values of the conversion-stage targets
     ts: float = 0.0
+    bid: list[float] = field(default_factory=list)  # per candidate where known (the online samples)
 
 
 @dataclass
@@ -243,76 +205,3 @@ def chunk_streams(streams: list[UserStream], max_len: int, stride: int | None = 
         for k, qs in sorted(groups.items()):
             out.append(Chunk(st, max(0, ends[k] - max_len), ends[k], qs))
     return out
-
-
-def collate_chunks(chunks: Sequence[Chunk], max_len: int, n_positions: int = 0,
-                   rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Training batch. Queries per chunk: all of them, or a random ``n_positions`` subset.
-    ``cand_seen`` [B,P,C]: the candidate is anywhere in the user's history before the request
-    (the whole stream, not only the chunk's window), as the held-out batches compute it."""
-    hist = []
-    for c in chunks:
-        s = c.stream
-        hist.append((s.items[c.start:c.end], s.actions[c.start:c.end], s.times[c.start:c.end]))
-    items, actions, times = collate_histories(hist, max_len)
-    qsets = []
-    for c in chunks:
-        qs = c.queries
-        if n_positions and len(qs) > n_positions:
-            rng = rng or np.random.default_rng()
-            qs = [qs[i] for i in sorted(rng.choice(len(qs), n_positions, replace=False))]
-        qsets.append(qs)
-    B, P = len(chunks), max(len(q) for q in qsets)
-    C = max(len(q.cand) for qs in qsets for q in qs)
-    T = len(qsets[0][0].conv_values)
-    pos = np.zeros((B, P), np.int64)
-    pvalid = np.zeros((B, P), bool)
-    device = np.zeros((B, P), np.int64)
-    cand = np.zeros((B, P, C), np.int64)
-    lab = np.zeros((3, B, P, C), np.float32)
-    tgt = np.zeros((B, P, 3, T), np.int64)
-    tval = np.zeros((B, P, T), np.float32)
-    cseen = np.zeros((B, P, C), bool)
-    for b, (c, qs) in enumerate(zip(chunks, qsets)):
-        n = c.end - c.start
-        for p, q in enumerate(qs):
-            m = q.n_hist - c.start  # tokens of this chunk before the request
-            pos[b, p] = max_len - n + m if m > 0 else 0
-            pvalid[b, p] = True
-            device[b, p] = q.device
-            cand[b, p, : len(q.cand)] = q.cand
-            cseen[b, p, : len(q.cand)] = [c.stream.first_index(i) < q.n_hist for i in q.cand]
-            lab[0, b, p, : len(q.cand)] = q.click
-            lab[1, b, p, : len(q.cand)] = q.conv
-            lab[2, b, p, : len(q.cand)] = q.value
-            tgt[b, p] = q.targets
-            tval[b, p] = q.conv_values
-    t = torch.from_numpy
-    return {"user": torch.tensor([c.stream.user for c in chunks]), "items": items, "actions": actions,
-            "times": times, "pos": t(pos), "pos_valid": t(pvalid), "device": t(device), "cand": t(cand),
-            "click": t(lab[0]), "conv": t(lab[1]), "value": t(lab[2]), "targets": t(tgt),
-            "target_values": t(tval), "cand_seen": t(cseen)}
-
-
-def collate_heldout(held, items: IdMap, max_len: int, num_items: int) -> dict[str, torch.Tensor]:
-    """Held-out requests → one query each at the newest position, plus the exposed candidates,
-    the clicked target, the seen-item mask [B, num_items] (True = already seen: the whole
-    history, not only its last max_len tokens) and the candidates' share of it, cand_seen [B,1,C]."""
-    hist = [history_arrays(h, items, max_len) for _, h, _, _ in held]
-    it, ac, tm = collate_histories(hist, max_len)
-    cand, _ = pad_candidates([q.cand for _, _, q, _ in held])
-    C = cand.shape[1]
-
-    def lab(f):
-        return torch.tensor([getattr(q, f) + [0.0] * (C - len(q.cand)) for _, _, q, _ in held])
-
-    cand_seen = torch.tensor([[i in s for i in q.cand] + [False] * (C - len(q.cand)) for _, _, q, s in held])
-    seen = torch.zeros(len(held), num_items, dtype=torch.bool)
-    for b, (_, _, _, s) in enumerate(held):
-        seen[b, list(s)] = True
-    seen[:, :2] = True
-    target = torch.tensor([q.targets[1][0] for _, _, q, _ in held])
-    return {"user": torch.tensor([u for u, _, _, _ in held]), "items": it, "actions": ac, "times": tm,
-            "pos": last_position(it), "device": torch.tensor([[q.device] for _, _, q, _ in held]),
-            "cand": cand.unsqueeze(1), "click": lab("click"), "conv": lab("conv"), "value": lab("value"),
-            "target": target, "seen": seen, "cand_seen": cand_seen.unsqueeze(1)}

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from trainer import metrics
+from trainer.batching import collate_chunks, collate_heldout, resolve_device, to_device
 from trainer.clipping import clip_groups, clipped_step
-from trainer.data import IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout
+from trainer.data import IdMap, build_streams, chunk_streams
 from trainer.infer import rank_topk, score_candidates
 from trainer.losses import oneranker_loss
 from trainer.model.baselines import Cascade, Popularity, SASRec
@@ -41,12 +42,6 @@ BASELINES = ("popularity", "sasrec", "cascade")
 EVAL_DEFAULTS = {"rank_retrieved": 20, "popularity_feature": True}  # see OneRankerConfig
 EVAL_LR = {"sasrec": 4e-3, "cascade": 4e-3}  # others: the preset's lr (2e-3)
 ALL_MODELS = BASELINES + tuple(ABLATIONS)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def autocast(dev: torch.device, bf16: bool | None = None):
@@ -66,10 +61,6 @@ def build_model(name: str, cfg):
     if name in ABLATIONS:
         return OneRanker(cfg.replace(**ABLATIONS[name]))
     raise ValueError(f"unknown model {name!r}: use {', '.join(ALL_MODELS)}")
-
-
-def _to(batch: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: torch.Tensor,
@@ -99,7 +90,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
         parts_sum = {}
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            batch = _to(collate_chunks([chunks[i] for i in idx], cfg.max_len, cfg.train_positions, rng), dev)
+            batch = to_device(collate_chunks([chunks[i] for i in idx], cfg.max_len, cfg.train_positions, rng), dev)
             with amp:
                 if isinstance(model, OneRanker):
                     pool = None
@@ -132,7 +123,7 @@ def evaluate_model(model, held_batches: list[dict], dev: torch.device) -> dict:
     model.eval()
     tops, targets, scores, ctrs, clicks, values, valids, cons, cseen = [], [], [], [], [], [], [], [], []
     for hb in held_batches:
-        b = _to(hb, dev)
+        b = to_device(hb, dev)
         eligible = ~b["seen"]
         dev_ctx = b["device"][:, 0]
         if isinstance(model, OneRanker):

@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.batching import resolve_device
 from trainer.clipping import clip_groups, clipped_step
 from trainer.losses import mtp_loss, state_loss
+from trainer.metrics import rank_metrics
 from trainer.model.baselines import Popularity, SASRec
 from trainer.model.config import ABLATIONS, preset as make_preset
 from trainer.model.oneranker import OneRanker
 from trainer.nextitem_data import NextItemSplit, collate_eval, collate_windows, split_interactions, training_windows
-from trainer.nextitem_metrics import full_corpus_ranks, mean_sd, rank_metrics, sample_negatives_for_users, sampled_ranks
+from trainer.nextitem_metrics import full_corpus_ranks, mean_sd, sample_negatives_for_users, sampled_ranks
 
 NEXTITEM_MODELS = ("popularity", "sasrec", "oneranker-gen-only", "oneranker")
 DEFAULT_MODELS = "popularity,sasrec,oneranker-gen-only"
@@ -181,8 +183,7 @@ def nextitem_main(dataset: str = "movielens-100k", models: str = DEFAULT_MODELS,
     log = print if show else (lambda *a, **k: None)
     t_start = time.time()
     torch.set_num_threads(threads)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     inter = load_interactions(dataset)
     if limit:

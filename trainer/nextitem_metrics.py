@@ -1,5 +1,6 @@
-"""Metrics of the next-item protocol (trainer/nextitem.py): full-corpus ranking with the user's
-earlier items excluded, and the SASRec paper's 100-sampled-negatives ranking. Pure tensor functions.
+"""Ranks of the next-item protocol (trainer/nextitem.py): full-corpus ranking with the user's
+earlier items excluded, and the SASRec paper's 100-sampled-negatives ranking; pure tensor functions.
+HR/NDCG/MRR of those ranks: ``trainer.metrics.rank_metrics``.
 
 Ties are broken against the target (an item scored exactly like the target ranks above it), so a
 model that scores everything alike gets no hits by luck.
@@ -11,8 +12,7 @@ import math
 
 import torch
 
-HR_KS = (1, 5, 10, 50)
-NDCG_KS = (10, 50)
+from trainer.metrics import HR_KS, NDCG_KS, rank_metrics  # noqa: F401 - the ranks' HR/NDCG/MRR live there
 
 
 def full_corpus_ranks(scores: torch.Tensor, target: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
@@ -32,16 +32,6 @@ def sampled_ranks(scores: torch.Tensor, target: torch.Tensor, negatives: torch.T
     scores = scores.float()
     t = scores.gather(1, target.unsqueeze(1))
     return (scores.gather(1, negatives) >= t).sum(1)
-
-
-def rank_metrics(ranks: torch.Tensor, hr_ks=HR_KS, ndcg_ks=NDCG_KS, prefix: str = "") -> dict:
-    """0-based ranks [B] of one relevant item per user → mean HR@k and NDCG@k."""
-    r = ranks.float()
-    out = {f"{prefix}hr@{k}": float((r < k).float().mean()) for k in hr_ks}
-    for k in ndcg_ks:
-        out[f"{prefix}ndcg@{k}"] = float(torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean())
-    out[f"{prefix}mrr"] = float((1.0 / (r + 1.0)).mean())
-    return out
 
 
 def sample_negatives_for_users(interacted: list[set[int]], first_item: int, n_rows: int, m: int = 100,

@@ -1,6 +1,6 @@
 """Online vs frozen (Monolith's online-vs-batch result) on a replayed sample stream.
 
-One pass over the stream in micro-batches with the streaming trainer's learner (trainer.online):
+One pass over the stream in micro-batches with the streaming trainer's learner (trainer/learner.py):
 every batch is scored before it is learned (prequential). At ``split`` (default 70%) a frozen copy of
 the model is taken; over the remaining stream both are scored on the same batches — the incremental
 model keeps learning (and admits new ads/users), the frozen one does not (ids it never saw → OOV,
@@ -24,8 +24,9 @@ def online_vs_frozen(dataset: str = "movielens-100k", limit: int | None = 25000,
                      batch_size: int = 64, split: float = 0.7, device: str = "cpu", seed: int = 0,
                      threads: int = 1, default_speed: float = 100000.0, tail_chunks: int = 3,
                      out: str | None = None, **overrides) -> dict:
+    from trainer.learner import OnlineLearner
     from trainer.model.config import preset as make_preset
-    from trainer.online import OnlineLearner, summarize
+    from trainer.prequential import summarize
     from trainer.replay_samples import load_samples
 
     torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from oneranker.kafka import ensure_topics
 from streaming.replay.adlayer import load_requests
-from trainer.online import read_learned
+from trainer.learned_log import read_learned
 from trainer.replay_samples import publish_samples, samples_from_requests
 
 N_SAMPLES = 480

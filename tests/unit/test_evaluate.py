@@ -7,8 +7,8 @@ import torch
 
 from features.tokens import Action, TokenSequence
 from streaming.replay.adlayer import load_requests
-from trainer.data import (IdMap, build_streams, chunk_streams, collate_chunks, collate_heldout,
-                          collate_histories, last_position, request_tokens)
+from trainer.batching import collate_chunks, collate_heldout
+from trainer.data import IdMap, build_streams, chunk_streams, collate_histories, last_position, request_tokens
 from trainer.evaluate import evaluate_main
 
 

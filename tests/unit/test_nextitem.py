@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from streaming.replay.datasets import load_file
+from trainer.metrics import rank_metrics
 from trainer.nextitem import nextitem_main
 from trainer.nextitem_data import collate_eval, collate_windows, split_interactions, training_windows
-from trainer.nextitem_metrics import full_corpus_ranks, rank_metrics, sample_negatives_for_users, sampled_ranks
+from trainer.nextitem_metrics import full_corpus_ranks, sample_negatives_for_users, sampled_ranks
 
 
 def write_csv(path, n_users=60, n_items=40, length=14, seed=0):

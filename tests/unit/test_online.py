@@ -9,9 +9,13 @@ import torch
 
 from streaming.samples import Sample, SampleAd, sample_id
 from trainer import checkpoint as ck
+from trainer.batching import collate_samples
+from trainer.learned_log import append_learned, read_learned, reconcile_learned
+from trainer.learner import OnlineLearner
+from trainer.metrics import auc, gauc
 from trainer.model.config import preset
-from trainer.online import (OnlineLearner, Prequential, append_learned, auc, collate_samples, gauc_rows,
-                            read_learned, reconcile_learned, resize_rows, summarize)
+from trainer.prequential import BatchPreds, Prequential, summarize
+from trainer.vocab import Vocab, resize_rows
 
 
 def make_samples(n: int, n_ads: int = 40, n_users: int = 12, seed: int = 0, prefix: str = "") -> list[Sample]:
@@ -53,10 +57,10 @@ def test_metrics_match_definitions():
     assert auc(np.zeros(4), y) == pytest.approx(0.5)
     sc = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
     lab = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    assert gauc_rows(sc, lab, np.ones_like(sc, bool)) == pytest.approx(0.5)
+    assert gauc(sc, lab, np.ones_like(sc, bool)) == pytest.approx(0.5)
     pq = Prequential(windows=(4, 8))
     for _ in range(5):
-        pq.add(summarize_input := __import__("trainer.online", fromlist=["BatchPreds"]).BatchPreds(
+        pq.add(summarize_input := BatchPreds(
             sc, sc, lab, lab, np.ones_like(sc, bool), np.array([1.0, np.nan])))
     assert pq.n <= 8 + 2
     assert summarize(pq.window(4))["samples"] == 4
@@ -64,8 +68,6 @@ def test_metrics_match_definitions():
 
 
 def test_collate_layout():
-    from trainer.online import Vocab
-
     ss = make_samples(6)
     v = Vocab()
     b = collate_samples(ss, v, max_len=4, n_targets=2, rng=np.random.default_rng(0), group=False)
@@ -83,8 +85,6 @@ def test_collate_layout():
 
 @pytest.mark.parametrize("row_cost", [None, 0.5, 2.0, 50.0])
 def test_grouped_rows_put_each_query_after_its_own_history(row_cost):
-    from trainer.online import Vocab
-
     ss = make_samples(64, n_users=3)
     v = Vocab()
     L = 8
@@ -107,7 +107,7 @@ def test_grouped_rows_put_each_query_after_its_own_history(row_cost):
 
 
 def test_cheapest_row_plan_costs_no_more_than_fixed_sizes():
-    from trainer.online import plan_rows, plan_rows_cheapest
+    from trainer.batching import plan_rows, plan_rows_cheapest
 
     ss = make_samples(200, n_users=5)
     cost = lambda rows, c: len(rows) * (c + max(len(m) for _, m in rows))  # noqa: E731
@@ -239,7 +239,7 @@ def test_bf16_autocast_step_runs_on_cpu():
 def test_prometheus_endpoint_serves_window_metrics():
     import urllib.request
 
-    from trainer.online import _Metrics
+    from trainer.stream_loop import _Metrics
 
     m = _Metrics(0)
     m.window.labels("auc", "w1000").set(0.61)
