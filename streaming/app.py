@@ -53,6 +53,8 @@ import os
 import socket
 import time
 import weakref
+
+import orjson
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +245,7 @@ class StreamWorker:
         # values are written as JSON bytes; a changelog recovery may hand them back decoded
         if raw is None or isinstance(raw, dict):
             return raw
-        return json.loads(raw)
+        return orjson.loads(raw)
 
     def _load(self, user_id: str):
         return self._decode(self.users.get(user_id))
@@ -533,7 +535,7 @@ class StreamWorker:
         try:
             rows = {}
             for uid, st in dirty.items():
-                self.users[uid] = json.dumps(st.to_dict(), separators=(",", ":")).encode()
+                self.users[uid] = orjson.dumps(st.to_dict())
                 if self.pusher is not None:
                     from features.store import UserRow
 

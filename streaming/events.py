@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +17,8 @@ from typing import Any
 
 import fastjsonschema
 import jsonschema
+import jsonschema_rs
+import orjson
 
 from oneranker import config
 
@@ -63,6 +66,24 @@ def _no_constant(text: str):
 def _loads(text: str) -> Any:
     """Strict JSON: NaN/Infinity (which Python's json accepts) and overflowing floats are refused."""
     return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+# orjson reads an integer of 20+ digits as a float where Python's json keeps an int: such input
+# (rare: any run of 19+ digits, in a string or not) takes the strict decoder, so both agree.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_NOT_DECODED = object()
+
+
+def _fast_loads(raw: bytes) -> Any:
+    """orjson (C, ~6x faster) for the common case, or ``_NOT_DECODED``: whatever orjson refuses
+    (NaN, 1e400, bad UTF-8, lone surrogates, depth > 1024, …) is decoded again by ``_loads``,
+    whose verdict and reason are the contract's."""
+    if _LONG_DIGITS.search(raw):
+        return _NOT_DECODED
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _NOT_DECODED
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +135,15 @@ def _validator(event_type: str) -> jsonschema.Draft202012Validator:
 
 @lru_cache(maxsize=None)
 def _fast_validator(event_type: str):
-    """The same schema compiled to Python code (~10x faster): the hot path for valid events."""
+    """The same schema compiled to Python code (~10x faster than the reference)."""
     return fastjsonschema.compile(schema(event_type))
+
+
+@lru_cache(maxsize=None)
+def _rs_validator(event_type: str):
+    """The same schema in jsonschema-rs (Rust, ~3x faster than fastjsonschema): the hot path's
+    yes/no. A "no" is re-checked by the Python validators, which give the reason."""
+    return jsonschema_rs.validator_for(schema(event_type))
 
 
 def _rejection_from_schema_error(err: jsonschema.ValidationError, doc: dict[str, Any]) -> Rejection:
@@ -142,11 +170,16 @@ def validate_object(doc: Any, event_type: str, now_ms: int | None = None) -> Eve
     for key in ("ts", "schema_version", "position"):
         if isinstance(doc.get(key), bool):
             return Rejection(WRONG_TYPE, f"{key} must be an integer, got a boolean", key)
+    errors = []
     try:
-        _fast_validator(event_type)(doc)
-        errors = []
-    except fastjsonschema.JsonSchemaException:
-        errors = list(_validator(event_type).iter_errors(doc))
+        fast_ok = _rs_validator(event_type).is_valid(doc)
+    except Exception:  # e.g. a string it cannot hold: the Python validators decide
+        fast_ok = False
+    if not fast_ok:
+        try:
+            _fast_validator(event_type)(doc)
+        except fastjsonschema.JsonSchemaException:
+            errors = list(_validator(event_type).iter_errors(doc))
     if errors:
         # Report the most useful error first: missing > type > the rest, in field order.
         order = {"required": 0, "type": 1}
@@ -170,6 +203,9 @@ def validate(raw: bytes, event_type: str, now_ms: int | None = None,
         return Rejection(NOT_JSON, "empty message (null value)")
     if len(raw) > max_bytes:
         return Rejection(OVERSIZE, f"message is {len(raw)} bytes, limit {max_bytes}")
+    doc = _fast_loads(raw)
+    if doc is not _NOT_DECODED:
+        return validate_object(doc, event_type, now_ms)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -182,7 +218,19 @@ def validate(raw: bytes, event_type: str, now_ms: int | None = None,
         return Rejection(NOT_JSON, "nested too deeply to decode")
     except ValueError as exc:  # JSONDecodeError, and integers past Python's digit limit
         return Rejection(NOT_JSON, str(exc)[:200])
+    if "\\u" in text and _has_lone_surrogate(doc):
+        # JSON's \ud800 escapes can spell a string no UTF-8 encoder (Feast, the samples, the
+        # state changelog) accepts downstream
+        return Rejection(NOT_UTF8, "a \\u escape spells a lone surrogate: not Unicode text")
     return validate_object(doc, event_type, now_ms)
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def encode(data: dict[str, Any]) -> bytes:

@@ -66,6 +66,8 @@ def test_valid_events_pass_and_keep_unknown_fields():
     (raw(impression()).replace(b'"bid": 0.5', b'"bid": -Infinity'), "impression", ev.INVALID_VALUE, None),
     (raw(impression()).replace(b'"bid": 0.5', b'"bid": 1e400'), "impression", ev.INVALID_VALUE, None),
     (raw(impression(bid=1e300)), "impression", ev.INVALID_VALUE, "bid"),
+    # a \u escape spelling a lone surrogate: decodes in Python, encodes nowhere downstream
+    (raw(impression()).replace(b'"u1"', b'"\\udc80"'), "impression", ev.NOT_UTF8, None),
     (raw({**without(impression(), "bid"), "value": 5e12}), "conversion", ev.INVALID_VALUE, "value"),
 ])
 def test_each_malformed_class_is_rejected_with_its_reason(payload, event_type, reason, field):
@@ -92,3 +94,42 @@ def test_an_oversize_key_is_rejected_before_the_value_is_read():
     assert isinstance(result, ev.Rejection)
     assert (result.reason, result.field) == (ev.OVERSIZE, "key")
     assert isinstance(ev.validate(raw(impression()), "impression", now_ms=NOW, key=b"u1"), ev.Event)
+
+
+AGREEMENT_CORPUS = [
+    raw(impression()),
+    raw(impression(user_id="ü😀" * 40, ad_id="\\u00e9")),
+    raw(impression(ts=float(NOW))),  # JSON Schema's integer: 1.7e12 written as a float is one
+    raw(impression(ts=1.5)),
+    raw(impression(bid=-0.0)),
+    raw(impression(bid=1e308)),
+    raw(impression(event_id="1234567890123456789012")),  # long digit runs take the strict decoder
+    raw(impression()).replace(b'"ts": %d' % NOW, b'"ts": 1790000000000000000000'),
+    raw(impression()).replace(b'"bid": 0.5', b'"bid": 0.5, "bid": 0.7'),  # duplicate key: last wins
+    raw(impression()).replace(b'"user_id": "u1"', b'"user_id": "\\ud800"'),  # lone surrogate
+    raw(impression()).replace(b'"hour": 3', b'"hour": 3, "deep": ' + b"[" * 1100 + b"]" * 1100),
+    b"\xef\xbb\xbf" + raw(impression()),  # UTF-8 BOM
+    b"  \n" + raw(impression()) + b"\n ",
+    raw(impression()).replace(b'"bid": 0.5', b'"bid": 05'),
+    raw(impression()).replace(b'"bid": 0.5', b'"bid": 1E2'),
+    raw(impression(user_id="a\x01")),
+    raw(impression(context={"hour": 24})),
+    b'{"event_id": "e1", "schema_version": 1}',
+    b"null", b"", b"\"\"", b"{}",
+]
+
+
+@pytest.mark.parametrize("payload", AGREEMENT_CORPUS)
+@pytest.mark.parametrize("event_type", ["impression", "conversion"])
+def test_the_fast_path_agrees_with_the_strict_decoder_and_validators(payload, event_type, monkeypatch):
+    """The hot path (orjson + jsonschema-rs) must give the verdict the reference path gives
+    (Python's strict json + fastjsonschema/jsonschema): same event data, or same reason and field."""
+    fast = ev.validate(payload, event_type, now_ms=NOW)
+    monkeypatch.setattr(ev, "_fast_loads", lambda raw: ev._NOT_DECODED)
+    monkeypatch.setattr(ev, "_rs_validator", lambda et: type("No", (), {"is_valid": lambda s, d: False})())
+    strict = ev.validate(payload, event_type, now_ms=NOW)
+    assert type(fast) is type(strict)
+    if isinstance(strict, ev.Event):
+        assert fast.data == strict.data
+    else:
+        assert (fast.reason, fast.field) == (strict.reason, strict.field)
