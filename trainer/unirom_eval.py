@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
+from trainer.batching import collate_heldout
 from trainer.data import chunk_streams
 from trainer.model.unirom import UniROM
 from trainer.model.unirom.config import VARIANTS
@@ -43,11 +43,6 @@ PRESET = {"d_model": 32, "n_layers": 2, "mif_every": 1, "n_clusters": 16, "head_
 # Epochs per stage (fractions allowed): pre-training, reward model, RLAF, payment network.
 EPOCHS = {"pretrain": 1.0, "evaluator": 0.5, "rlaf": 0.5, "payment": 1.0}
 JUDGE_SEED_OFFSET = 1000
-
-try:  # moved by the trainer refactoring (trainer/batching.py); the older home until that lands
-    from trainer.batching import collate_heldout
-except ImportError:  # pragma: no cover
-    from trainer.data import collate_heldout
 
 
 def new_model(data: URData, seed: int, **cfg) -> UniROM:
@@ -188,7 +183,6 @@ def run_seed(data_args: dict, names: list[str], seed: int, epochs: dict, mca_epo
     models, info = {}, {}
     if "mca" in names:
         log("mca")
-        models["mca"], info["mca"] = ("mca", None), None
         cascade, info["mca"] = fit_mca(data, seed, mca_epochs, log)
         models["mca"] = ("mca", cascade)
     if {"unirom", "unirom-no-aucformer"} & set(names):
