@@ -13,6 +13,15 @@ from trainer.model.unirom.cluster_attention import FullAttention
 B, L, N = 3, 7, 20
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far less hurt by a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg(**kw):
     return UniROMConfig(num_items=60, num_users=10, num_advertisers=8, num_categories=5, d_model=16,
                         n_clusters=4, n_layers=2, mif_every=1, head_hidden=(16,), **kw)
