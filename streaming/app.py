@@ -376,20 +376,20 @@ class StreamWorker:
                 return
             generation = app.consumer_generation_id
             consumer = app.consumer
-            track = consumer.track_message
+            # Consumer.track_message without its per-message sensor call (the worker has its own
+            # counters): what a rebalance's wait_empty waits for, and what consumer.ack clears.
+            unacked = consumer._unacked_messages
             messages = [m for m in messages if m.generation_id == generation]
             for m in messages:
                 m.tracked = True
-                track(m)
+                unacked.add(m)
             done = await self.handle_batch(messages)
-            ack, message_out = consumer.ack, app.sensors.on_message_out
+            ack = consumer.ack
             for m in done:
-                if ack(m):
-                    message_out(m.tp, m.offset, m)
-            skipped = consumer._unacked_messages
+                ack(m)
             for m in messages:  # records held back by _skipped_ahead: untracked, never committed
                 if not m.acked:
-                    skipped.discard(m)
+                    unacked.discard(m)
 
     async def handle_batch(self, messages) -> list:
         """Validate, dead-letter or join ``messages`` (any topic-partitions, each in offset order),
@@ -398,6 +398,7 @@ class StreamWorker:
         done = []
         t = time.perf_counter()
         now = time.monotonic()
+        self.stats["batches"] += 1
         self.last_event_at = time.time()
         if self.first_event_at is None:
             self.first_event_at = self.last_event_at
@@ -535,7 +536,7 @@ class StreamWorker:
         try:
             rows = {}
             for uid, st in dirty.items():
-                self.users[uid] = orjson.dumps(st.to_dict())
+                self.users[uid] = contract.dumps(st.to_dict())
                 if self.pusher is not None:
                     from features.store import UserRow
 

@@ -233,6 +233,16 @@ def _has_lone_surrogate(doc: Any) -> bool:
     return False
 
 
+def dumps(obj: Any, sort_keys: bool = False) -> bytes:
+    """Compact UTF-8 JSON, with orjson; Python's json where orjson refuses (an integer past 64 bits,
+    which an event's free-form ``context`` may carry into a sample or a state)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(obj, separators=(",", ":"), sort_keys=sort_keys,
+                          ensure_ascii=False).encode("utf-8")
+
+
 def encode(data: dict[str, Any]) -> bytes:
     """Canonical wire form: compact, sorted keys, UTF-8 (byte-identical for equal events)."""
     return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")

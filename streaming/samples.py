@@ -87,8 +87,9 @@ class Sample:
                 "schema_version": self.schema_version}
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True,
-                          ensure_ascii=False).encode("utf-8")
+        from streaming.events import dumps
+
+        return dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Sample":

@@ -133,3 +133,12 @@ def test_the_fast_path_agrees_with_the_strict_decoder_and_validators(payload, ev
         assert fast.data == strict.data
     else:
         assert (fast.reason, fast.field) == (strict.reason, strict.field)
+
+
+def test_dumps_falls_back_where_orjson_refuses():
+    """A sample or state may carry an event's free-form context: an integer past 64 bits must not
+    make the worker's encoding raise (that would fail the batch on every restart)."""
+    big = {"b": 2, "a": {"n": 10**30, "s": "é"}}
+    assert json.loads(ev.dumps(big)) == big
+    assert ev.dumps(big, sort_keys=True).startswith(b'{"a":')
+    assert ev.dumps({"x": 1.5, "y": [1, "ü"]}) == '{"x":1.5,"y":[1,"ü"]}'.encode()

@@ -83,3 +83,21 @@ def test_a_record_that_raises_is_dead_lettered_and_the_partition_goes_on(monkeyp
     assert "KeyError" in h["detail"] and "a bug in the join" in h["detail"]
     assert worker.stats["impression"] == 2  # the events on either side of the poison were joined
     assert worker.offsets[(config.TOPIC_IMPRESSIONS, 0)] == 3
+
+
+def test_a_context_orjson_cannot_encode_is_kept_in_the_state():
+    """An integer past 64 bits in the free-form context is valid JSON: the state that carries the
+    open request is still written (Python's json takes over from orjson)."""
+    now = int(time.time() * 1000)
+    producer = RecordingProducer()
+    app = SimpleNamespace(consumer=SimpleNamespace(_committed_offset={}), producer=producer)
+    metrics = SimpleNamespace(**{name: NullMetric() for name in (
+        "events", "outcomes", "samples", "dlq", "late", "watermark", "batch_seconds")})
+    users = {}
+    worker = StreamWorker(app, WorkerOptions("x", feast=False), users=users, metrics=metrics)
+    data = {"event_id": "e1", "schema_version": 1, "ts": now, "request_id": "r1", "user_id": "u1",
+            "ad_id": "a", "position": 1, "bid": 1.0, "context": {"campaign": 10**30}}
+    done = asyncio.run(worker.handle_batch([record(0, data)]))
+    assert len(done) == 1 and worker.stats["impression"] == 1 and worker.stats["dlq"] == 0
+    state = json.loads(users["u1"])
+    assert state["pending"]["r1"]["context"]["campaign"] == 10**30
