@@ -48,3 +48,15 @@ def cpu_load():
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (restored after): on a shared 2-core machine two threads
+    contend and run ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,12 +25,7 @@ from trainer.vocab import Vocab
 MAX_LEN = 64  # longer than every history here: both paths see each request's whole history
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ def make_samples(n: int, n_ads: int = 40, n_users: int = 12, seed: int = 0, pref
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine two threads contend and run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw):
