@@ -84,8 +84,12 @@ def test_rank_answers_known_unknown_and_candidate_requests(server):
         assert c.get("/healthz").json()["status"] == "ok"
         ready = c.get("/readyz").json()
         assert ready["ready"] and ready["model_version"] == 1 and ready["providers"][-1] == "CPUExecutionProvider"
-        r = c.post("/v1/rank", json={"user_id": "u1", "k": 3}).json()
+        resp = c.post("/v1/rank", json={"user_id": "u1", "k": 3})
+        r = resp.json()
         assert r["model_version"] == 1 and not r["cold_start"] and len(r["items"]) == 3
+        # per-stage durations for `oneranker bench serve`
+        stages = dict(p.strip().split(";dur=") for p in resp.headers["server-timing"].split(","))
+        assert set(stages) == {"pre", "feast", "encode", "run", "post"} and float(stages["run"]) > 0
         assert [i["rank"] for i in r["items"]] == [1, 2, 3]
         assert r["items"][0]["score"] >= r["items"][1]["score"] >= r["items"][2]["score"]
         cold = c.post("/v1/rank", json={"user_id": "never-seen", "k": 2, "device": "ios"}).json()
