@@ -87,7 +87,32 @@ def _worker_run(bootstrap: str, suffix: str, expect: int, speed: float, home: Pa
         worker.stop()
     seconds = st["last_batch_done_at"] - st["first_event_at"]
     return {"events_per_s": expect / seconds, "seconds": seconds, "samples": st["stats"].get("samples", 0),
-            "feast_rows": st.get("feast_rows", 0)}
+            "feast_rows": st.get("feast_rows", 0), "batches": st["stats"].get("batches", 0)}
+
+
+def inprocess_rate(events: list[tuple[str, dict]], speed: float, batch: int = 5000) -> float:
+    """The worker's own work per event without Kafka or Faust: decode + validate each raw event,
+    fold it into one joiner, advance the watermark and encode samples and changed states once
+    per batch of ``batch`` (as the worker does per fetch). events/s: the ceiling a single Python
+    process running this work could reach, whatever the transport."""
+    from streaming import events as contract
+    from streaming.joiner import MIN_TS, JoinConfig, Joiner
+
+    raws = [(et, contract.encode(d), d["user_id"].encode()) for et, d in events]
+    joiner = Joiner(JoinConfig(allowed_lateness_ms=2000).scaled(1 / speed), load=lambda u: None,
+                    watermark=MIN_TS, partition=0)
+    t = time.perf_counter()
+    for i in range(0, len(raws), batch):
+        newest = MIN_TS
+        for et, value, key in raws[i:i + batch]:
+            ev = contract.validate(value, et, key=key)
+            joiner.process(et, ev.data)
+            newest = max(newest, ev.data["ts"])
+        for sample in joiner.advance(newest - 2000):
+            sample.to_json()
+        for st in joiner.take_dirty().values():
+            contract.dumps(st.to_dict())
+    return len(raws) / (time.perf_counter() - t)
 
 
 def noop_faust_main(bootstrap: str, suffix: str, expect: int, out: str) -> None:
@@ -159,12 +184,14 @@ def run_bench(bootstrap: str | None = None, quick: bool = False, runs: int | Non
         t = time.perf_counter()
         publish(bootstrap, events, suffix, pace=False)
         publish_s = time.perf_counter() - t
-        raw, worker, noop = [], [], []
+        raw, worker, noop, inproc, load = [], [], [], [], []
         with tempfile.TemporaryDirectory(prefix="oneranker-bench-") as home:
             for _ in range(runs):
+                load.append(os.getloadavg())
                 raw.append(asyncio.run(_raw_consume(bootstrap, topics, len(events))))
                 worker.append(_worker_run(bootstrap, suffix, len(events), speed, Path(home), feast))
                 noop.append(_noop_run(bootstrap, suffix, len(events)))
+                inproc.append(inprocess_rate(events, speed))
         raw_med = statistics.median(raw)
         noop_med = statistics.median(noop)
         worker_med = statistics.median(w["events_per_s"] for w in worker)
@@ -181,6 +208,11 @@ def run_bench(bootstrap: str | None = None, quick: bool = False, runs: int | Non
             "noop_faust_median": round(noop_med, 1),
             "noop_faust_ratio": round(noop_med / raw_med, 4),
             "worker_vs_noop_faust": round(worker_med / noop_med, 4),
+            "inprocess_events_per_s": [round(x, 1) for x in inproc],
+            "inprocess_median": round(statistics.median(inproc), 1),
+            "inprocess_ratio": round(statistics.median(inproc) / raw_med, 4),
+            "worker_vs_inprocess": round(worker_med / statistics.median(inproc), 4),
+            "load_average_at_runs": [[round(x, 2) for x in la] for la in load],
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "broker": "embedded tansu" if broker else bootstrap,
@@ -209,10 +241,16 @@ def print_table(result: dict) -> None:
     table.add_row("oneranker stream worker", f"{result['worker_events_per_s_median']:,.0f}",
                   us(result["worker_events_per_s_median"]),
                   ", ".join(f"{w['events_per_s']:,.0f}" for w in result["worker_runs"]))
-    table.add_row("no-op Faust agent (take_events)", f"{result['noop_faust_median']:,.0f}",
+    table.add_row("no-op Faust stream agent (take_events)", f"{result['noop_faust_median']:,.0f}",
                   us(result["noop_faust_median"]),
                   ", ".join(f"{x:,.0f}" for x in result["noop_faust_events_per_s"]))
+    table.add_row("worker's own work in-process (no Kafka)", f"{result['inprocess_median']:,.0f}",
+                  us(result["inprocess_median"]),
+                  ", ".join(f"{x:,.0f}" for x in result["inprocess_events_per_s"]))
     table.add_row("ratio worker / raw", f"{result['ratio']:.3f}", "", "")
     table.add_row("ratio no-op Faust / raw", f"{result['noop_faust_ratio']:.3f}", "", "")
     table.add_row("ratio worker / no-op Faust", f"{result['worker_vs_noop_faust']:.3f}", "", "")
+    table.add_row("ratio in-process / raw (one process's ceiling)", f"{result['inprocess_ratio']:.3f}",
+                  "", "")
+    table.add_row("ratio worker / in-process", f"{result['worker_vs_inprocess']:.3f}", "", "")
     Console().print(table)

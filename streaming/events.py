@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,7 +69,9 @@ def _loads(text: str) -> Any:
 
 # orjson reads an integer of 20+ digits as a float where Python's json keeps an int: such input
 # (rare: any run of 19+ digits, in a string or not) takes the strict decoder, so both agree.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# (A translate + substring test: ~6x faster here than re.search for [0-9]{19}.)
+_DIGITS_AS_NINES = bytes(0x39 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_NINETEEN_DIGITS = b"9" * 19
 _NOT_DECODED = object()
 
 
@@ -78,7 +79,7 @@ def _fast_loads(raw: bytes) -> Any:
     """orjson (C, ~6x faster) for the common case, or ``_NOT_DECODED``: whatever orjson refuses
     (NaN, 1e400, bad UTF-8, lone surrogates, depth > 1024, …) is decoded again by ``_loads``,
     whose verdict and reason are the contract's."""
-    if _LONG_DIGITS.search(raw):
+    if _NINETEEN_DIGITS in raw.translate(_DIGITS_AS_NINES):
         return _NOT_DECODED
     try:
         return orjson.loads(raw)
