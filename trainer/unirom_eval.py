@@ -39,9 +39,9 @@ from trainer.unirom_train import (URData, build_data, collate, eval_ctr, pretrai
 MODELS = ("mca", "unirom", "unirom-no-gcf", "unirom-no-aucformer")
 # Small CPU preset (DESIGN §8: 2 shared cores); --set overrides any UniROMConfig field.
 PRESET = {"d_model": 32, "n_layers": 2, "mif_every": 1, "n_clusters": 16, "head_hidden": (64, 32),
-          "batch_size": 128, "n_unexposed": 40}
+          "batch_size": 128, "n_unexposed": 20}
 # Epochs per stage (fractions allowed): pre-training, reward model, RLAF, payment network.
-EPOCHS = {"pretrain": 1.0, "evaluator": 0.5, "rlaf": 0.5, "payment": 1.0}
+EPOCHS = {"pretrain": 3.0, "evaluator": 1.0, "rlaf": 1.0, "payment": 2.0}
 JUDGE_SEED_OFFSET = 1000
 
 
@@ -232,7 +232,7 @@ def print_table(summary: dict, title: str) -> None:
 
 
 def run(models: str = ",".join(MODELS), dataset: str = "movielens-100k", limit: int | None = 10000,
-        seeds: str = "0", slots: int = 3, mca_epochs: int = 3, threads: int = 2, out: str | None = None,
+        seeds: str = "0", slots: int = 3, mca_epochs: int = 3, threads: int = 1, out: str | None = None,
         epochs: dict | None = None, sets: list[str] = (), log=print) -> dict:
     torch.set_num_threads(threads)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -267,7 +267,7 @@ def main(argv=None) -> None:
     p.add_argument("--mca-epochs", type=int, default=3)
     for stage, v in EPOCHS.items():
         p.add_argument(f"--{stage}-epochs", type=float, default=v)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy 2-core machine)")
     p.add_argument("--out", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="UniROMConfig override")
     a = p.parse_args(argv)

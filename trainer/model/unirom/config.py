@@ -34,8 +34,11 @@ class UniROMConfig:
     # --- ablation switches ---
     set_aware: bool = True  # False = "w/o GCF": candidates never see each other (point-wise pCTR)
     use_mif: bool = True  # False = late fusion: one target attention after the last block
+    # The one explicit user×ad feature: the candidate occurs in the behaviour window (the flag the
+    # cascade's ranker and OneRanker's Step 3 also get, so every model sees the same features).
+    seen_feature: bool = True
     # --- training ---
-    n_unexposed: int = 40  # popularity-sampled unexposed ads per pre-training request
+    n_unexposed: int = 20  # popularity-sampled unexposed ads per pre-training request
     session_s: float = 3600.0  # unexposed label: the user clicks the ad in (ts, ts + session_s]
     lr: float = 2e-3
     batch_size: int = 128

@@ -59,6 +59,9 @@ class RecFormer(nn.Module):
         for e in (self.user, self.device, self.action, self.pos):
             nn.init.normal_(e.weight, std=0.02)
         self.ctx = nn.Linear(d, d)  # user + context broadcast to every candidate
+        self.seen = nn.Embedding(2, d) if cfg.seen_feature else None
+        if self.seen is not None:
+            nn.init.normal_(self.seen.weight, std=0.02)
 
         def layer(attend: bool = True) -> GCFLayer:
             return GCFLayer(d, cfg.n_heads, cfg.n_clusters, cfg.ffn_mult, cfg.dropout, attend)
@@ -92,6 +95,9 @@ class RecFormer(nn.Module):
     def forward(self, user, device, hist_items, hist_actions, cand, cand_mask) -> dict:
         b, b_mask = self.behaviours(user, device, hist_items, hist_actions)
         c = self.ads(cand) + self.ctx(b[:, :1])
+        if self.seen is not None:  # [B, N] candidate in the behaviour window: O(N·L) compares
+            seen = (cand.unsqueeze(-1) == hist_items.unsqueeze(1)).any(-1) & (cand > 0)
+            c = c + self.seen(seen.long())
         for i, (lb, lc) in enumerate(zip(self.beh_layers, self.cand_layers), start=1):
             b, c = lb(b, b_mask), lc(c, cand_mask)
             if i in self.fusion_at:
