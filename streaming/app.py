@@ -136,70 +136,104 @@ class Metrics:
 
 
 # ------------------------------------------------------------------------------------------------
-# Feast writer: coalesces the latest state per user, pushes from a thread
+# Feast writer: coalesces the latest state per user, pushes from a child process
+
+_CLIENT = None  # the child process's FeatureStoreClient
+
+
+def _open_client(online: str | None, history_len: int) -> None:
+    """Open (and if needed apply) the store: in the pusher's child process, once."""
+    global _CLIENT
+    from features.store import USER_PUSH_SOURCE, FeatureStoreClient, apply, open_store
+
+    logging.basicConfig(level=logging.WARNING)
+    store = open_store(online=online)
+    try:  # all of it: a worker killed during an apply can leave a partial registry
+        store.get_data_source(USER_PUSH_SOURCE)
+        store.get_feature_view("user_sequence")
+        store.get_feature_view("user_profile")
+    except Exception:
+        log.info("feature store not applied yet: applying %s", config.settings().feature_repo)
+        apply(online=online)
+        store = open_store(online=online)
+    _CLIENT = FeatureStoreClient(store, history_len=history_len)
+
+
+def _push(rows) -> int:
+    return _CLIENT.push_users(rows)
 
 
 class FeastPusher:
+    """Pushes the newest row per user to the Feast online store every ``push_interval_s``.
+
+    The push runs in a child process: Feast's DataFrame → Arrow → protobuf conversion is Python
+    work that, in a thread, held the GIL for about 40 % of the event loop's time. Rows not pushed
+    yet are re-derived from the restored table after a crash (``StreamWorker.partition``)."""
+
     def __init__(self, opts: WorkerOptions, metrics: Metrics):
         self.opts, self.metrics = opts, metrics
         self.pending: dict[str, Any] = {}
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feast-push")
-        self.client = None
-        self.ready = asyncio.Event()
+        self.executor: concurrent.futures.ProcessPoolExecutor | None = None
         self.pushed_rows = 0
 
-    def _open(self):
-        from features.store import USER_PUSH_SOURCE, FeatureStoreClient, apply, open_store
-
-        store = open_store(online=self.opts.feast_online)
-        try:  # all of it: a worker killed during an apply can leave a partial registry
-            store.get_data_source(USER_PUSH_SOURCE)
-            store.get_feature_view("user_sequence")
-            store.get_feature_view("user_profile")
-        except Exception:
-            log.info("feature store not applied yet: applying %s", config.settings().feature_repo)
-            apply(online=self.opts.feast_online)
-            store = open_store(online=self.opts.feast_online)
-        return FeatureStoreClient(store, history_len=self.opts.join.history_len)
-
     def open(self) -> None:
-        """Open (and if needed apply) the store; the worker does this before it consumes."""
-        self.client = self._open()
-        log.info("feast online store ready")
+        """Start the child and open (if needed, apply) the store in it, before the first event."""
+        import multiprocessing
 
-    async def start(self) -> None:
-        if self.client is None:
-            loop = asyncio.get_running_loop()
-            self.client = await loop.run_in_executor(self.executor, self._open)
-        self.ready.set()
+        # spawn, not fork: the worker has threads (Faust's consumer, aiokafka) by the time it
+        # restarts a dead child
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_open_client,
+            initargs=(self.opts.feast_online, self.opts.join.history_len))
+        self.executor.submit(int).result(timeout=300)  # the initializer has run
+        log.info("feast online store ready")
 
     def offer(self, rows: dict[str, Any]) -> None:
         self.pending.update(rows)
 
     async def push_once(self) -> int:
-        if not self.pending or self.client is None:
+        if not self.pending or self.executor is None:
             return 0
         rows, self.pending = list(self.pending.values()), {}
         loop = asyncio.get_running_loop()
         t = time.perf_counter()
         try:
-            n = await loop.run_in_executor(self.executor, self.client.push_users, rows)
+            n = await loop.run_in_executor(self.executor, _push, rows)
+        except concurrent.futures.process.BrokenProcessPool:
+            log.error("the feast push process died: restarting it; %d rows kept", len(rows))
+            self._requeue(rows)
+            await loop.run_in_executor(None, self._restart)
+            return 0
         except Exception:
             log.exception("feast push of %d rows failed; will retry with the next batch", len(rows))
-            self.metrics.push_errors.inc()
-            for r in rows:
-                self.pending.setdefault(r.user_id, r)
+            self._requeue(rows)
             return 0
         self.metrics.push_seconds.observe(time.perf_counter() - t)
         self.metrics.push_rows.inc(n)
         self.pushed_rows += n
         return n
 
+    def _requeue(self, rows) -> None:
+        self.metrics.push_errors.inc()
+        for r in rows:
+            self.pending.setdefault(r.user_id, r)  # a newer row offered meanwhile wins
+
+    def _restart(self) -> None:
+        old, self.executor = self.executor, None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        self.open()
+
     async def run(self) -> None:
-        await self.start()
+        if self.executor is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.open)
         while True:
             await asyncio.sleep(self.opts.push_interval_s)  # pacing, not synchronisation
             await self.push_once()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -172,12 +172,15 @@ class UserState:
         req["ads"].setdefault(str(int(data["position"])), [data["ad_id"], float(data["bid"])])
         return APPLIED
 
-    def attach_orphans(self, rid: str, cfg: JoinConfig) -> list[str]:
+    def attach_orphans(self, rid: str, cfg: JoinConfig, ad: str | None = None) -> list[str]:
         """Labels that came before their ad's impression, now that the impression is here (labels
-        for ads not shown (yet) wait; at close they count as unmatched)."""
+        for ads not shown (yet) wait; at close they count as unmatched). ``ad``: the ad whose
+        impression just arrived, the only one that can make a waiting label ready."""
         req = self.pending.get(rid)
         labels = self.orphans.get(rid)
         if req is None or not labels:
+            return []
+        if ad is not None and not any(l[1] == ad for l in labels):
             return []
         shown = {a for a, _ in req["ads"].values()}
         ready = [l for l in labels if l[1] in shown]
@@ -297,7 +300,7 @@ class Joiner:
             return outcome
         self.dirty.add(st.user_id)
         if event_type == "impression" and outcome == APPLIED:
-            for o in st.attach_orphans(data["request_id"], self.cfg):
+            for o in st.attach_orphans(data["request_id"], self.cfg, data["ad_id"]):
                 self.stats[o] += 1
             # only this request's deadline is new; an earlier scheduled one stays (and re-plans)
             self._schedule(st.user_id, st.pending[data["request_id"]]["ts"] + self.cfg.close_after_ms)
