@@ -2,22 +2,13 @@
 offline harness's evaluation on the synthetic ad world."""
 
 import numpy as np
-import pytest
 import torch
 
 from streaming.replay.adlayer import load_requests
+from tests.unit.test_unirom_model import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from trainer.unirom_auction import expost_regret, gsp
 from trainer.unirom_eval import evaluate, fit_unirom
 from trainer.unirom_train import build_data, collate, drop_and_refill
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far less hurt by a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_gsp_orders_by_ecpm_and_charges_the_next_ecpm():
