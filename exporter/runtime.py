@@ -98,12 +98,15 @@ class OnnxRanker:
     def encode(self, seqs: Sequence[TokenSequence | None], user_ids: Sequence[str],
                devices: Sequence[int] | None = None,
                eligible: Sequence[Sequence[str] | None] | None = None) -> dict[str, np.ndarray]:
+        from trainer.batching import MS_PER_S
         from trainer.data import collate_histories, history_arrays
 
         B = len(user_ids)
         hist = [history_arrays(s if s is not None else TokenSequence(), self.items, self.max_len)
                 for s in seqs]
-        items, actions, times = collate_histories(hist, self.max_len)
+        # Feast and the samples hold event times in ms; the model was trained on seconds (the
+        # online trainer converts the same way): time gaps must be in the unit it learned
+        items, actions, times = collate_histories(hist, self.max_len, time_unit_s=MS_PER_S)
         if eligible is None or all(c is None for c in eligible):
             mask = self._default_mask(B)
         else:

@@ -53,9 +53,9 @@ def pad_histories(histories: Sequence[tuple[Sequence[int], Sequence[int], Sequen
 
 
 def collate_histories(histories: Sequence[tuple[list[int], list[int], list[int]]], max_len: int,
-                      ref_times: Sequence[float] | None = None):
+                      ref_times: Sequence[float] | None = None, time_unit_s: float = 1.0):
     """``pad_histories`` as torch tensors (the serving encoder's and the next-item protocol's)."""
-    return tuple(torch.from_numpy(a) for a in pad_histories(histories, max_len, ref_times))
+    return tuple(torch.from_numpy(a) for a in pad_histories(histories, max_len, ref_times, time_unit_s))
 
 
 def last_position(items: torch.Tensor) -> torch.Tensor:

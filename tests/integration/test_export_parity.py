@@ -91,6 +91,13 @@ def test_small_preset_cli_export_publishes_a_verified_snapshot(tmp_path):
     assert m["metrics"]["holdout"]["n"] == 24 and store.current()["version"] == 1
     assert all(isinstance(d[0], str) for d in m["model"]["inputs"].values())  # dynamic batch
     ranker = OnnxRanker(tmp_path / "dl", store.fetch(1, tmp_path / "dl"), threads=1, want_cuda=False)
+    # serving reads Feast's millisecond event times; the trainer learned on seconds: same unit here
+    from trainer.batching import MS_PER_S
+
+    uid, seq = next(iter(users.items()))
+    tail = np.asarray(seq.event_times[-ranker.max_len:], np.float64)
+    times = ranker.encode([seq], [uid], [2])["times"][0, -len(tail):]
+    assert np.allclose(times, (tail - tail[-1]) / MS_PER_S, atol=1e-3)
     _torch_vs_onnx(model, ranker, users)
     _torch_vs_onnx(model, ranker, users, candidates=[f"a{i}" for i in range(0, 398, 7)])
     # the same checkpoint again: nothing to do
