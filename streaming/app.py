@@ -144,8 +144,18 @@ _CLIENT = None  # the child process's FeatureStoreClient
 def _open_client(online: str | None, history_len: int) -> None:
     """Open (and if needed apply) the store: in the pusher's child process, once."""
     global _CLIENT
+    import threading
+
     from features.store import USER_PUSH_SOURCE, FeatureStoreClient, apply, open_store
 
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a SIGKILLed worker cannot stop its child: it leaves by itself
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
     logging.basicConfig(level=logging.WARNING)
     store = open_store(online=online)
     try:  # all of it: a worker killed during an apply can leave a partial registry

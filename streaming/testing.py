@@ -63,6 +63,12 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def children(self) -> list[int]:
+        """Pids of the worker's child processes (its Feast pusher)."""
+        if not self.alive():
+            return []
+        return [pid for pid in _pids() if _ppid(pid) == self.proc.pid]
+
     def kill(self) -> None:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
@@ -131,3 +137,24 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

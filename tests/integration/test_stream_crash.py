@@ -17,7 +17,7 @@ import pytest
 from streaming.joiner import JoinConfig, Joiner
 from streaming.replay.adlayer import load_requests, request_events
 from streaming.samples import Sample, sample_id
-from streaming.testing import TopicReader, WorkerProcess, publish, wait_until
+from streaming.testing import TopicReader, WorkerProcess, publish, running, wait_until
 from oneranker import config
 
 CLICK_MS, CONV_MS, LATENESS_MS = 500, 2000, 300
@@ -81,7 +81,11 @@ def _run(broker, tag, suffix, requests, events, want, sequences, worker, tmp_pat
         wait_until(lambda: ((worker.stats() or {}).get("stats", {}).get("impression", 0) >= 50), 90,
                    what=f"worker incarnation {k} processing")
         kills.append((sent[0], worker.stats()["stats"]))
+        children = worker.children()
+        assert children, "the worker's Feast pusher process is missing"
         worker.kill()
+        # a SIGKILLed worker cannot stop its child: the child notices and leaves by itself
+        wait_until(lambda: not any(running(pid) for pid in children), 30, what="orphaned children gone")
         worker.start()
     assert pub.is_alive(), "the replay ended before the third kill: make it longer"
     pub.join()
