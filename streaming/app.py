@@ -37,7 +37,8 @@ process exits and the restart re-reads it; and a record that arrives past the ne
 back (``_skipped_ahead``).
 
 Faust internals patched (streaming/faust_patches.py): high watermarks read from a fetch response
-(Tansu's ListOffsets is wrong), message delivery without two asyncio tasks per message (speed), and
+(Tansu's ListOffsets is wrong), the drain loop handing each fetch of the source topics to the worker
+as one batch instead of one stream event per message (speed: ~73 µs a message was Faust's), and
 a producer flush that really drains Faust's buffer of table writes (upstream gives up after 0.1 s
 without progress, so under load offsets were committed ahead of the state they covered).
 """
