@@ -56,6 +56,11 @@ class UpOptions:
     metrics_port: int = 0  # Prometheus endpoint of `up` (freshness histogram); 0 = any free port
     checkpoint_every_s: float = 3.0
     export_interval_s: float = 2.0
+    # The replay sends each topic-partition in event-time order, so the watermark needs little
+    # slack for disorder; a quiet topic (conversions are sparse) stops holding it after idle_s.
+    # Labels that still come after their window are counted (summary "late_labels").
+    allowed_lateness_ms: int = 500
+    flush_idle_s: float = 0.5
 
 
 def _freshness_metric(port: int):
@@ -85,6 +90,8 @@ def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str,
     ckpt = str(home / "checkpoints")
     specs = [
         ServiceSpec("stream", _oneranker("stream", "--speed", str(opts.speed),
+                                         "--allowed-lateness-ms", str(opts.allowed_lateness_ms),
+                                         "--flush-idle-s", str(opts.flush_idle_s),
                                          "--metrics-port", str(ports["stream"]))),
         ServiceSpec("trainer", _oneranker("train", "--device", "auto", "--preset", opts.preset,
                                           "--checkpoint-dir", ckpt,
@@ -359,11 +366,26 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     summary = {"ok": ok, "first_version": first_version, "versions": versions,
                "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
                "snapshots_published": len(manifests.seen_versions), "diversity": diversity,
+               "late_labels": _late_labels(home),
                "restarts": {name: m.restarts for name, m in sup.services.items()}}
     (sup.log_dir.parent / "up-summary.json").write_text(json.dumps(summary, indent=2))
     if not ok:
         console.print("[red]the replicas did not reach a snapshot newer than the first one in time[/red]")
     return 0 if ok else 1
+
+
+def _late_labels(home: Path) -> dict:
+    """Labels the stream worker counted after their request's window (the stats of its last
+    incarnation): what a too-small allowed lateness would lose."""
+    out: dict = {}
+    for f in (home / "stream").glob("*/stats.json"):
+        try:
+            outcomes = json.loads(f.read_text()).get("outcomes", {})
+        except (OSError, ValueError):
+            continue
+        for k in ("late_click", "late_conversion"):
+            out[k] = out.get(k, 0) + int(outcomes.get(k, 0))
+    return out
 
 
 def _diversity(client: httpx.Client, port: int, requests, n_users: int = 50) -> dict:

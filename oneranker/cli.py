@@ -187,6 +187,9 @@ def up(
     home: Optional[Path] = typer.Option(None, help="State dir of this run (default $ONERANKER_HOME/up; wiped)."),
     timeout: float = typer.Option(540.0, help="Give up after this many seconds."),
     metrics_port: int = typer.Option(0, help="Prometheus port for the freshness histogram (0: any free)."),
+    allowed_lateness_ms: int = typer.Option(500, help="The stream worker's allowed event-time lateness."),
+    flush_idle_s: float = typer.Option(0.5, help="A silent topic-partition stops holding the watermark "
+                                       "after this many seconds."),
 ) -> None:
     """The whole system as local processes on embedded defaults: broker, Feast, stream worker, trainer,
     exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
@@ -195,7 +198,8 @@ def up(
     try:
         code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
                                 impressions=impressions, preset=preset, port=port, home=home,
-                                timeout_s=timeout, metrics_port=metrics_port))
+                                timeout_s=timeout, metrics_port=metrics_port,
+                                allowed_lateness_ms=allowed_lateness_ms, flush_idle_s=flush_idle_s))
     except KeyboardInterrupt:
         console.print("interrupted: every service and the broker were stopped")
         code = 130
