@@ -366,7 +366,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
     summary = {"ok": ok, "first_version": first_version, "versions": versions,
                "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
                "snapshots_published": len(manifests.seen_versions), "diversity": diversity,
-               "late_labels": _late_labels(home),
+               "late_labels": _late_labels(sup.log_dir.parent),
                "restarts": {name: m.restarts for name, m in sup.services.items()}}
     (sup.log_dir.parent / "up-summary.json").write_text(json.dumps(summary, indent=2))
     if not ok:
