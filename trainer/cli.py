@@ -160,3 +160,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("evaluate")(evaluate_cmd)
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("keepup")(bench_keepup_cmd)
+    from trainer.peer.cli import bench_quality_cmd; bench_app.command("quality")(bench_quality_cmd)  # noqa: E702
