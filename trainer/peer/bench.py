@@ -45,7 +45,11 @@ METRICS = ("hr@1", "hr@5", "hr@10", "hr@50", "ndcg@10", "ndcg@50")
 
 
 def peer_python() -> Path:
-    """The peer environment's interpreter; created with ``make peer-venv`` when missing."""
+    """The peer environment's interpreter; created with ``make peer-venv`` when missing.
+    ``ONERANKER_PEER_PYTHON`` names another interpreter that can import recbole (a GPU machine's
+    image with the wheels on ``ONERANKER_PEER_PYTHONPATH``)."""
+    if os.environ.get("ONERANKER_PEER_PYTHON"):
+        return Path(os.environ["ONERANKER_PEER_PYTHON"])
     py = PEER_VENV / "bin" / "python"
     if not (py.exists() and any(PEER_VENV.glob(".installed-*"))):
         print(f"{PEER_VENV.name} missing: creating it with `make peer-venv` (torch 2.13.0 CPU wheel + recbole "
@@ -82,7 +86,7 @@ def recbole_budget(split, cfg, epochs: int, patience: int) -> dict:
 
 
 def run_recbole(py: Path, atomic_dir: Path, name: str, rb_cfg: dict, seeds: list[int], threads: int, jobs: int,
-                cache: Path, models: list[str], log) -> dict[int, dict]:
+                cache: Path, models: list[str], log, device: str = "cpu") -> dict[int, dict]:
     """One peer-environment subprocess per seed (``jobs`` at a time); results cached per seed."""
     cache.mkdir(parents=True, exist_ok=True)
 
@@ -94,13 +98,15 @@ def run_recbole(py: Path, atomic_dir: Path, name: str, rb_cfg: dict, seeds: list
                 log(f"RecBole seed {seed}: reusing {out}")
                 return got
         cfg = {"atomic_dir": str(atomic_dir), "name": name, "work_dir": str(cache / f"work{seed}"),
-               "out": str(out) + ".part", "models": models, "seed": seed, "threads": threads, "recbole": rb_cfg}
+               "out": str(out) + ".part", "models": models, "seed": seed, "threads": threads, "recbole": rb_cfg, "device": device}
         cpath = cache / f"seed{seed}.config.json"
         cpath.write_text(json.dumps(cfg, indent=2))
         t0 = time.time()
         env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONWARNINGS": "ignore",
                "OMP_NUM_THREADS": str(threads)}
         env.pop("PYTHONPATH", None)  # the peer script imports recbole + stdlib only
+        if os.environ.get("ONERANKER_PEER_PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["ONERANKER_PEER_PYTHONPATH"]
         with open(cache / f"seed{seed}.log", "w") as lf:
             p = subprocess.Popen([str(py), str(SCRIPT), str(cpath)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, env=env, cwd=str(cache))
@@ -141,7 +147,7 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
                   models: str = "recbole-sasrec,popularity,sasrec,oneranker-gen-only", out: str | None = None,
                   epochs: int | None = None, patience: int | None = None, threads: int = 2, jobs: int = 1,
                   preset: str = "small", ours_from: str | None = None, ours_missing: str = "train",
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, device: str = "cpu") -> dict:
     from streaming.replay.datasets import load_interactions
     from trainer.nextitem import DEFAULT_EPOCHS, DEFAULT_PATIENCE, nextitem_main
     from trainer.nextitem_data import split_interactions
@@ -180,7 +186,7 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
     log(f"budget: ours {budget['our_steps_per_epoch']} steps/epoch of {cfg.batch_size} windows "
         f"({budget['training_targets']} targets/epoch) → RecBole train_batch_size {rb_cfg['train_batch_size']}")
     res: dict = {"bench": "quality", "dataset": dataset, "seeds": seeds, "epochs": epochs, "patience": patience,
-                 "preset": preset, "budget": budget, "recbole_config": rb_cfg, "our_config": cfg.to_dict(),
+                 "preset": preset, "device": device, "budget": budget, "recbole_config": rb_cfg, "our_config": cfg.to_dict(),
                  "n_eval_users": n_eval, "n_train_interactions": n_train, "atomic_sha1": digest,
                  "per_seed": {}, "recbole_runs": {}, "ours_source": {}}
 
@@ -188,9 +194,10 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
     rb_names = [m for m in names if m in RECBOLE_MODELS]
     if rb_names:
         rb_models = ["Pop"] + (["SASRec"] if "recbole-sasrec" in rb_names else [])
-        key = hashlib.sha1(json.dumps([rb_cfg, digest, rb_models], sort_keys=True).encode()).hexdigest()[:10]
+        key = hashlib.sha1(json.dumps([rb_cfg, digest, rb_models] + ([device] if device != "cpu" else []),
+                                      sort_keys=True).encode()).hexdigest()[:10]
         runs = run_recbole(peer_python(), atomic_dir, "peer", rb_cfg, seeds, threads, jobs, base / f"recbole-{key}",
-                           rb_models, log)
+                           rb_models, log, device)
         res["recbole_runs"] = {str(s): r for s, r in runs.items()}
         res["recbole_version"] = next(iter(runs.values())).get("recbole")
         for s, r in runs.items():
@@ -223,7 +230,7 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
         got = dict(have)
         if todo:
             log(f"ours: training {','.join(todo)} seed {s} (trainer/nextitem.py)")
-            r = nextitem_main(dataset, ",".join(todo), preset, epochs, patience, "cpu", None, s, limit, threads)
+            r = nextitem_main(dataset, ",".join(todo), preset, epochs, patience, device, None, s, limit, threads)
             got.update(r["models"])
         for m in ours:
             if m in got:

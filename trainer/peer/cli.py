@@ -27,6 +27,8 @@ def bench_quality_cmd(
     ours_missing: str = typer.Option("train", help="Seeds absent from --ours-from: train | skip (popularity is "
                                      "always computed)."),
     limit: Optional[int] = typer.Option(None, help="First N interactions only."),
+    device: str = typer.Option("cpu", help="cpu | cuda: where RecBole and our models train (ONERANKER_PEER_PYTHON "
+                               "may name an interpreter with recbole when .venv-recbole is CPU-only)."),
 ) -> None:
     """RecBole's SASRec (peer library, own venv, `make peer-venv`) vs our models on the same split and
     budget: one table (HR@10, NDCG@10, HR@50, train s, ratios to popularity and to RecBole SASRec)."""
@@ -34,5 +36,7 @@ def bench_quality_cmd(
 
     if ours_missing not in ("train", "skip"):
         raise typer.BadParameter("train | skip", param_hint="--ours-missing")
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("cpu | cuda", param_hint="--device")
     bench_quality(dataset, [int(s) for s in seeds.split(",") if s.strip()], models, str(out) if out else None,
-                  epochs, patience, threads, jobs, preset, str(ours_from) if ours_from else None, ours_missing, limit)
+                  epochs, patience, threads, jobs, preset, str(ours_from) if ours_from else None, ours_missing, limit, device)

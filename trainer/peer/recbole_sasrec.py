@@ -28,6 +28,20 @@ from pathlib import Path
 # inside) then fail to load in Trainer.evaluate(load_best_model=True).
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
+
+def numpy2_aliases() -> None:
+    """RecBole 1.2.1 uses aliases numpy 1.24/2.0 removed (np.float, np.float_, np.int_, np.long...).
+    .venv-recbole pins numpy 1.23.5 (nothing to do); an interpreter with numpy 2 (a GPU machine's
+    image) gets them back as the builtins they aliased."""
+    import numpy as np
+
+    for name, value in (("float", float), ("int", int), ("bool", bool), ("long", int), ("object", object),
+                        ("str", str), ("complex", complex), ("unicode", str), ("NaN", np.nan), ("Inf", np.inf),
+                        ("float_", np.float64), ("int_", np.int64), ("complex_", np.complex128),
+                        ("unicode_", np.str_), ("bool8", np.bool_)):
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
 HR_KS = (1, 5, 10, 50)
 NDCG_KS = (10, 50)
 
@@ -38,7 +52,8 @@ def recbole_config(cfg: dict, model: str) -> dict:
     work = Path(cfg["work_dir"])
     base = {
         "data_path": str(Path(cfg["atomic_dir"])), "dataset": cfg["name"],
-        "checkpoint_dir": str(work / "saved"), "show_progress": False, "use_gpu": False,
+        "checkpoint_dir": str(work / "saved"), "show_progress": False,
+        "use_gpu": cfg.get("device", "cpu") == "cuda", "gpu_id": "0",
         "seed": cfg.get("seed", 0), "reproducibility": True, "state": "INFO", "worker": 0,
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
@@ -95,7 +110,8 @@ def our_protocol(model, dataset, hist: dict[str, list[str]], users: list[str], m
                 lens.append(len(w))
             inter = Interaction({uf: torch.tensor([int(dataset.token2id(uf, u)) for u in chunk]),
                                  seq_f: mat, len_f: torch.tensor(lens)})
-            scores = model.full_sort_predict(inter).view(B, -1).float()
+            dev = next(model.parameters()).device
+            scores = model.full_sort_predict(inter.to(dev)).view(B, -1).float().cpu()
             excluded = torch.zeros_like(scores, dtype=torch.bool)
             excluded[:, 0] = True  # [PAD]
             for k, sq in enumerate(seqs):
@@ -154,7 +170,7 @@ def run_model(cfg: dict, model_name: str, hist: dict, users: list[str]) -> dict:
         items = train_data._dataset.inter_feat[train_data._dataset.iid_field]
         cnt = torch.bincount(items, minlength=model.n_items).view(-1, 1)
         model.item_cnt.copy_(cnt)
-        model.max_cnt = cnt.max(0)[0]
+        model.max_cnt = model.item_cnt.max(0)[0]  # on the model's device
     else:  # the best epoch's weights (Trainer.fit saved them)
         ck = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["state_dict"])
@@ -190,13 +206,15 @@ def main(path: str) -> None:
     cfg = json.loads(Path(path).read_text())
     Path(cfg["work_dir"]).mkdir(parents=True, exist_ok=True)
     os.chdir(cfg["work_dir"])  # RecBole writes log/ and log_tensorboard/ into the working directory
+    numpy2_aliases()
     import recbole
     import torch
 
     data_dir = Path(cfg["atomic_dir"]) / cfg["name"]
     info = json.loads((data_dir / "users.json").read_text())
     hist = history_by_user(data_dir / f"{cfg['name']}.inter")
-    out = {"recbole": recbole.__version__, "torch": torch.__version__, "seed": cfg.get("seed", 0),
+    out = {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": sys.modules["numpy"].__version__,
+           "device": cfg.get("device", "cpu"), "seed": cfg.get("seed", 0),
            "split": {k: v for k, v in info.items() if k != "eval_users"}, "models": {}}
     for m in cfg.get("models", ["Pop", "SASRec"]):
         print(f"RecBole {m} seed {cfg.get('seed', 0)} …", flush=True)
