@@ -379,9 +379,9 @@ def main(argv=None) -> None:
     p.add_argument("--protocol", default="ad-request", choices=["ad-request", "next-item"],
                    help="ad-request: each user's last request held out (Steps 1-3); next-item: leave-last-out "
                         "sequential recommendation, full-corpus + 100-sampled-negative ranking (trainer/nextitem.py)")
-    p.add_argument("--epochs", type=int, default=None, help="default 3 (ad-request), at most 8 with early "
+    p.add_argument("--epochs", type=int, default=None, help="default 3 (ad-request), at most 40 with early "
                                                              "stopping on validation (next-item)")
-    p.add_argument("--patience", type=int, default=None, help="next-item: epochs without a better validation HR@10")
+    p.add_argument("--patience", type=int, default=None, help="next-item: epochs without a better validation HR@10 (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
