@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from oneranker.cli import app
 from streaming.replay.datasets import load_file
 from trainer.nextitem_data import split_interactions
-from trainer.peer.atomic import read_atomic, split_differences, write_atomic
+from trainer.peer.atomic import split_differences, write_atomic
+# RecBole's order (``order: TO`` sorts by timestamp, stably), as the peer script reads it back
+from trainer.peer.recbole_sasrec import history_by_user as recbole_view, read_inter as read_atomic
 from trainer.peer.bench import our_config, recbole_budget
 
 
@@ -37,11 +39,6 @@ def leave_one_out(index: list, leave_one_num: int = 2) -> list[list]:
         nxt[-legal + i].append(index[pr])
         pr += 1
     return nxt
-
-
-def recbole_view(path):
-    """user token → item tokens in RecBole's order: ``order: TO`` sorts by timestamp (stably)."""
-    return {u: [it for it, _ in sorted(rows, key=lambda r: r[1])] for u, rows in read_atomic(path).items()}
 
 
 def test_atomic_files_reproduce_our_split(tmp_path):

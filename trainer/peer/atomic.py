@@ -55,15 +55,3 @@ def write_atomic(split: NextItemSplit, out_dir: str | Path, name: str = "peer") 
             "n_interactions": sum(len(s) for s in split.seqs), "differences": split_differences(split)}
     (d / "users.json").write_text(json.dumps(info))
     return d
-
-
-def read_atomic(path: str | Path) -> dict[str, list[tuple[str, float]]]:
-    """Parse a .inter file back: user token → [(item token, timestamp)] in file order."""
-    out: dict[str, list[tuple[str, float]]] = {}
-    with open(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
-        iu, ii, it = (header.index(h) for h in ("user_id:token", "item_id:token", "timestamp:float"))
-        for line in f:
-            p = line.rstrip("\n").split("\t")
-            out.setdefault(p[iu], []).append((p[ii], float(p[it])))
-    return out

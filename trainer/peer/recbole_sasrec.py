@@ -71,16 +71,22 @@ def recbole_config(cfg: dict, model: str) -> dict:
     return {**base, "repeatable": True, **cfg.get("recbole", {})}
 
 
-def history_by_user(inter_file: Path) -> dict[str, list[str]]:
-    """user token → item tokens in timestamp order (atomic.py writes position timestamps)."""
-    rows: dict[str, list[tuple[float, str]]] = {}
-    with open(inter_file) as f:
+def read_inter(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+    """A .inter atomic file (trainer/peer/atomic.py writes it): user token → [(item token, timestamp)]
+    in file order. Standard library only: this script runs in the peer environment."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    with open(path) as f:
         header = f.readline().rstrip("\n").split("\t")
         iu, ii, it = (header.index(h) for h in ("user_id:token", "item_id:token", "timestamp:float"))
         for line in f:
             p = line.rstrip("\n").split("\t")
-            rows.setdefault(p[iu], []).append((float(p[it]), p[ii]))
-    return {u: [i for _, i in sorted(v, key=lambda x: x[0])] for u, v in rows.items()}
+            out.setdefault(p[iu], []).append((p[ii], float(p[it])))
+    return out
+
+
+def history_by_user(inter_file: Path) -> dict[str, list[str]]:
+    """user token → item tokens in timestamp order (atomic.py writes position timestamps)."""
+    return {u: [i for i, _ in sorted(v, key=lambda x: x[1])] for u, v in read_inter(inter_file).items()}
 
 
 def our_protocol(model, dataset, hist: dict[str, list[str]], users: list[str], max_len: int, split: str) -> dict:
