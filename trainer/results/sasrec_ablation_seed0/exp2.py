@@ -1,0 +1,45 @@
+import sys, torch, torch.nn as nn
+import trainer.model.baselines as B
+import trainer.nextitem as N
+what = sys.argv[1]
+orig = B.SASRec.__init__
+def init(self, cfg):
+    orig(self, cfg)
+    d = cfg.d_model
+    if "postln" in what:
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ffn_mult * d, cfg.dropout, batch_first=True, norm_first=False)
+        self.enc = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.ln = nn.Identity()
+    if "embln" in what:
+        self.emb_ln = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout))
+    if "init02" in what:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
+            if isinstance(m, nn.MultiheadAttention):
+                nn.init.normal_(m.in_proj_weight, std=0.02); nn.init.zeros_(m.in_proj_bias)
+        self.item.weight.data[0].zero_()
+    if "nouser" in what:
+        self.user.weight.data.zero_(); self.user.weight.requires_grad_(False)
+B.SASRec.__init__ = init
+if "embln" in what:
+    orig_states = B.SASRec.states
+    enc_orig = None
+    def states(self, batch):
+        items, actions = batch["items"], batch["actions"]
+        B_, L = items.shape
+        x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
+        x = self.emb_ln(x + self.pos.weight[: L + 1])
+        valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
+        causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
+        h = self.enc(x, mask=causal, src_key_padding_mask=~valid)
+        h = self.ln(torch.nan_to_num(h))
+        pos = batch["pos"]
+        return torch.gather(h, 1, pos.unsqueeze(-1).expand(*pos.shape, h.shape[-1]))
+    B.SASRec.states = states
+if "constlr" in what:
+    class Const(torch.optim.lr_scheduler.LambdaLR):
+        def __init__(self, opt, fn): super().__init__(opt, lambda s: 1.0)
+    torch.optim.lr_scheduler.LambdaLR = Const
+N.nextitem_main('movielens-100k', 'sasrec', 'small', 8, 3, 'cpu', f'/tmp/exp_{what}.json', 0, None, 1)
