@@ -1,3 +1,5 @@
+# Seed-0 ablations of our SASRec (8 epochs, patience 3): PYTHONPATH=. python trainer/results/sasrec_ablation_seed0/ablation.py VARIANT
+# VARIANT joins any of postln, embln, init02, nouser, constlr with "-" (exp_<VARIANT>.json lands in /tmp).
 import sys, torch, torch.nn as nn
 import trainer.model.baselines as B
 import trainer.nextitem as N
