@@ -1,5 +1,5 @@
 # Seed-0 ablations of our SASRec (8 epochs, patience 3): PYTHONPATH=. python trainer/results/sasrec_ablation_seed0/ablation.py VARIANT
-# VARIANT joins any of postln, embln, init02, nouser, constlr with "-" (exp_<VARIANT>.json lands in /tmp).
+# VARIANT joins any of postln, embln, init02, nouser, leftpos, constlr with "-" (exp_<VARIANT>.json lands in /tmp).
 import sys, torch, torch.nn as nn
 import trainer.model.baselines as B
 import trainer.nextitem as N
@@ -33,6 +33,24 @@ if "embln" in what:
         B_, L = items.shape
         x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
         x = self.emb_ln(x + self.pos.weight[: L + 1])
+        valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
+        causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
+        h = self.enc(x, mask=causal, src_key_padding_mask=~valid)
+        h = self.ln(torch.nan_to_num(h))
+        pos = batch["pos"]
+        return torch.gather(h, 1, pos.unsqueeze(-1).expand(*pos.shape, h.shape[-1]))
+    B.SASRec.states = states
+if "leftpos" in what:
+    # RecBole's positions: counted from the oldest item read (1..n; the user token 0), not from the
+    # window's end, so an item keeps its position when newer items are appended
+    def states(self, batch):
+        items, actions = batch["items"], batch["actions"]
+        B_, L = items.shape
+        x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
+        idx = torch.cat([torch.zeros_like(items[:, :1]), (items > 0).long().cumsum(1) * (items > 0)], 1)
+        x = x + self.pos(idx)
+        if hasattr(self, "emb_ln"):
+            x = self.emb_ln(x)
         valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
         causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
         h = self.enc(x, mask=causal, src_key_padding_mask=~valid)
