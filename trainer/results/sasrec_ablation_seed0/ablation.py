@@ -1,5 +1,5 @@
 # Seed-0 ablations of our SASRec (8 epochs, patience 3): PYTHONPATH=. python trainer/results/sasrec_ablation_seed0/ablation.py VARIANT
-# VARIANT joins any of postln, embln, init02, nouser, leftpos, constlr with "-" (exp_<VARIANT>.json lands in /tmp).
+# VARIANT joins any of postln, embln, init02, nouser, leftpos, constlr, stride1 with "-" (exp_<VARIANT>.json lands in /tmp).
 import sys, torch, torch.nn as nn
 import trainer.model.baselines as B
 import trainer.nextitem as N
@@ -62,4 +62,6 @@ if "constlr" in what:
     class Const(torch.optim.lr_scheduler.LambdaLR):
         def __init__(self, opt, fn): super().__init__(opt, lambda s: 1.0)
     torch.optim.lr_scheduler.LambdaLR = Const
-N.nextitem_main('movielens-100k', 'sasrec', 'small', 8, 3, 'cpu', f'/tmp/exp_{what}.json', 0, None, 1)
+extra = dict(stride=1, batch_size=644) if "stride1" in what else {}  # RecBole's pipeline: one prefix per target
+N.nextitem_main('movielens-100k', 'sasrec', 'small', 8, 3, 'cpu', f'/tmp/exp_{what}.json', 0, None,
+                2 if "stride1" in what else 1, **extra)
