@@ -25,36 +25,22 @@ def init(self, cfg):
     if "nouser" in what:
         self.user.weight.data.zero_(); self.user.weight.requires_grad_(False)
 B.SASRec.__init__ = init
-if "embln" in what:
-    orig_states = B.SASRec.states
-    enc_orig = None
+if "embln" in what or "leftpos" in what:
     def states(self, batch):
         items, actions = batch["items"], batch["actions"]
         B_, L = items.shape
         x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
-        x = self.emb_ln(x + self.pos.weight[: L + 1])
-        valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
-        causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
-        h = self.enc(x, mask=causal, src_key_padding_mask=~valid)
-        h = self.ln(torch.nan_to_num(h))
-        pos = batch["pos"]
-        return torch.gather(h, 1, pos.unsqueeze(-1).expand(*pos.shape, h.shape[-1]))
-    B.SASRec.states = states
-if "leftpos" in what:
-    # RecBole's positions: counted from the oldest item read (1..n; the user token 0), not from the
-    # window's end, so an item keeps its position when newer items are appended
-    def states(self, batch):
-        items, actions = batch["items"], batch["actions"]
-        B_, L = items.shape
-        x = torch.cat([self.user(batch["user"]).unsqueeze(1), self.item(items) + self.action(actions)], 1)
-        idx = torch.cat([torch.zeros_like(items[:, :1]), (items > 0).long().cumsum(1) * (items > 0)], 1)
-        x = x + self.pos(idx)
-        if hasattr(self, "emb_ln"):
+        if "leftpos" in what:
+            # RecBole's positions: counted from the oldest item read (1..n; the user token 0), not from
+            # the window's end, so an item keeps its position when newer items are appended
+            x = x + self.pos(torch.cat([torch.zeros_like(items[:, :1]), (items > 0).long().cumsum(1) * (items > 0)], 1))
+        else:
+            x = x + self.pos.weight[: L + 1]
+        if "embln" in what:
             x = self.emb_ln(x)
         valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], 1)
         causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=items.device).triu(1)
-        h = self.enc(x, mask=causal, src_key_padding_mask=~valid)
-        h = self.ln(torch.nan_to_num(h))
+        h = self.ln(torch.nan_to_num(self.enc(x, mask=causal, src_key_padding_mask=~valid)))
         pos = batch["pos"]
         return torch.gather(h, 1, pos.unsqueeze(-1).expand(*pos.shape, h.shape[-1]))
     B.SASRec.states = states
