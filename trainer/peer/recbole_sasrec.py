@@ -30,15 +30,12 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 
 def numpy2_aliases() -> None:
-    """RecBole 1.2.1 uses aliases numpy 1.24/2.0 removed (np.float, np.float_, np.int_, np.long...).
-    .venv-recbole pins numpy 1.23.5 (nothing to do); an interpreter with numpy 2 (a GPU machine's
-    image) gets them back as the builtins they aliased."""
+    """RecBole 1.2.1's Config sets np.float, np.int, np.long... from np.float_, np.complex_ and
+    np.unicode_, which numpy 2.0 removed. .venv-recbole pins numpy 1.23.5 (nothing to do); an
+    interpreter with numpy 2 (a GPU machine's image) gets those three back."""
     import numpy as np
 
-    for name, value in (("float", float), ("int", int), ("bool", bool), ("long", int), ("object", object),
-                        ("str", str), ("complex", complex), ("unicode", str), ("NaN", np.nan), ("Inf", np.inf),
-                        ("float_", np.float64), ("int_", np.int64), ("complex_", np.complex128),
-                        ("unicode_", np.str_), ("bool8", np.bool_)):
+    for name, value in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
         if name not in np.__dict__:
             setattr(np, name, value)
 
@@ -99,6 +96,7 @@ def our_protocol(model, dataset, hist: dict[str, list[str]], users: list[str], m
     uf, itf = dataset.uid_field, dataset.iid_field
     seq_f, len_f = itf + dataset.config["LIST_SUFFIX"], dataset.config["ITEM_LIST_LENGTH_FIELD"]
     ranks = []
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for s in range(0, len(users), 256):
             chunk = users[s:s + 256]
@@ -116,7 +114,6 @@ def our_protocol(model, dataset, hist: dict[str, list[str]], users: list[str], m
                 lens.append(len(w))
             inter = Interaction({uf: torch.tensor([int(dataset.token2id(uf, u)) for u in chunk]),
                                  seq_f: mat, len_f: torch.tensor(lens)})
-            dev = next(model.parameters()).device
             scores = model.full_sort_predict(inter.to(dev)).view(B, -1).float().cpu()
             excluded = torch.zeros_like(scores, dtype=torch.bool)
             excluded[:, 0] = True  # [PAD]
