@@ -340,16 +340,24 @@ def evaluate_seeds(seeds: list[int], out: str | None = None, **kw) -> dict:
     return summary
 
 
+def parse_overrides(sets) -> dict:
+    """KEY=VALUE strings → config overrides (JSON values where they parse as such)."""
+    overrides = {}
+    for kv in sets:
+        if "=" not in kv:
+            raise ValueError(f"--set wants KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+    return overrides
+
+
 def run(seed: int = 0, seeds: str | None = None, out: str | None = None, sets: list[str] = (),
         protocol: str = "ad-request", patience: int | None = None, **kw) -> dict:
     """The command line's entry (``python -m trainer.evaluate`` and ``oneranker evaluate``):
     ``seeds`` "0,1,2" runs evaluate_seeds, else one evaluate_main with ``seed``; ``sets`` are
     KEY=VALUE config overrides (JSON values where they parse as such) for every model.
     ``protocol="next-item"``: the leave-last-out sequential protocol of trainer/nextitem.py."""
-    overrides = {}
-    for kv in sets:
-        k, v = kv.split("=", 1)
-        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+    overrides = parse_overrides(sets)
     if protocol == "next-item":
         from trainer.nextitem import DEFAULT_MODELS, DEFAULT_PATIENCE, run_nextitem
 

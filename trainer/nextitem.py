@@ -39,13 +39,11 @@ from trainer.nextitem_metrics import full_corpus_ranks, mean_sd, sample_negative
 
 NEXTITEM_MODELS = ("popularity", "sasrec", "oneranker-gen-only", "oneranker")
 DEFAULT_MODELS = "popularity,sasrec,oneranker-gen-only"
-# Training defaults of this protocol on top of the preset (``--set`` overrides them), measured on
-# ML-100K's validation items: one target per position (the next item: what is evaluated), 16
-# windows per step (64 gave too few steps: 38 per epoch).
-NEXTITEM_DEFAULTS: dict = {"n_targets": 1, "batch_size": 16}
-# Per model on top: OneRanker's Step 2 runs once per query position (~20× SASRec's cost per
-# target), so L_MTP takes 8 random positions per window while the Step-1 state loss supervises
-# every position.
+# Training defaults of this protocol on top of the preset (``--set`` overrides them): one target per
+# position (the next item: what is evaluated); one prefix per target (window_stride 1, RecBole's
+# pipeline), 512 prefixes per step. Disjoint windows of 50 (window_stride 0, 16 per step) are ~15×
+# cheaper per epoch but left SASRec at 0.80× RecBole's (trainer/results/quality_movielens-100k_e8.json).
+NEXTITEM_DEFAULTS: dict = {"n_targets": 1, "batch_size": 512, "window_stride": 1}
 MODEL_DEFAULTS: dict[str, dict] = {"oneranker-gen-only": {"train_positions": 8, "state_weight": 1.0},
                                    "oneranker": {"train_positions": 8, "state_weight": 1.0}}
 FULL_SOFTMAX_MAX_ITEMS = 4096  # up to this corpus size the generation loss is the exact softmax
@@ -126,7 +124,7 @@ def oneranker_step_loss(model, b: dict, cfg, log_q, gen) -> torch.Tensor:
 
 
 def train(model, split: NextItemSplit, cfg, epochs: int, patience: int, dev, seed: int, log_q: torch.Tensor,
-          valid_batches: list[dict], log=print, name: str = "", stride: int | None = None) -> dict:
+          valid_batches: list[dict], log=print, name: str = "") -> dict:
     """AdamW, linear warm-up (first 10% of the planned steps) then linear decay to 10%; after every
     epoch the validation HR@10 (NDCG@10 breaks ties); stops after ``patience`` epochs without a
     better one and restores the best epoch's weights. Returns the curve and the best epoch."""
@@ -135,7 +133,7 @@ def train(model, split: NextItemSplit, cfg, epochs: int, patience: int, dev, see
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    windows = training_windows(split, cfg.max_len, stride)
+    windows = training_windows(split, cfg.max_len, cfg.window_stride)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(windows) / cfg.batch_size)
     total = epochs * per_epoch
@@ -179,7 +177,7 @@ def train(model, split: NextItemSplit, cfg, epochs: int, patience: int, dev, see
 def nextitem_main(dataset: str = "movielens-100k", models: str = DEFAULT_MODELS, preset: str = "small",
                   epochs: int | None = None, patience: int = DEFAULT_PATIENCE, device: str = "cpu",
                   out: str | None = None, seed: int = 0, limit: int | None = None, threads: int = 2,
-                  show: bool = True, stride: int | None = None, **overrides) -> dict:
+                  show: bool = True, **overrides) -> dict:
     """Split, train every model, evaluate on the test targets; print a table; write JSON."""
     from streaming.replay.datasets import load_interactions
 
@@ -224,8 +222,7 @@ def nextitem_main(dataset: str = "movielens-100k", models: str = DEFAULT_MODELS,
         if isinstance(model, Popularity):
             model.fit(counts)
         t0 = time.time()
-        info = train(model, split, getattr(model, "cfg", mcfg), epochs, patience, dev, seed, log_q, valid_b, log, name,
-                     stride)
+        info = train(model, split, getattr(model, "cfg", mcfg), epochs, patience, dev, seed, log_q, valid_b, log, name)
         t1 = time.time()
         r = evaluate(model, test_b, negatives, dev)
         r.update(info, train_seconds=round(t1 - t0, 1), eval_seconds=round(time.time() - t1, 1),

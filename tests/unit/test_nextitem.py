@@ -49,7 +49,7 @@ def test_split_is_leave_last_out_in_time_order(tmp_path):
     assert s.eval_rows() == [i]
 
 
-@pytest.mark.parametrize("max_len,stride", [(5, None), (5, 2), (50, None)])
+@pytest.mark.parametrize("max_len,stride", [(5, None), (5, 2), (5, 1), (50, None)])
 def test_no_leakage_and_every_training_target_once(split, max_len, stride):
     windows = training_windows(split, max_len, stride)
     b = collate_windows(split, windows, max_len, n_targets=2)
@@ -72,6 +72,8 @@ def test_no_leakage_and_every_training_target_once(split, max_len, stride):
             assert tg[p, 1, 0] == split.train_seq(w.row)[w.c + p + 1]
     for r, tg in seen_targets.items():  # every training target once per epoch, in order
         assert sorted(tg) == sorted(split.train_seq(r)[1:])
+    if stride == 1:  # one prefix per target, read with all of its last max_len tokens
+        assert all(w.b - w.c == 1 and w.b - w.a == min(w.b, max_len) for w in windows)
 
 
 def test_eval_batches_exclude_earlier_items_but_never_the_target(split):

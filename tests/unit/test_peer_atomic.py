@@ -4,6 +4,8 @@ in the original timestamps keep our order, and `oneranker bench quality --help` 
 
 import math
 
+import pytest
+
 import numpy as np
 from typer.testing import CliRunner
 
@@ -87,15 +89,20 @@ def test_ties_keep_our_order(tmp_path):
     assert split.times[a][:3] == [5, 5, 5] and len(set(split.times[split.user.index(split.users.get("b"))])) == 1
 
 
-def test_recbole_budget_matches_our_steps(tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"window_stride": 0, "batch_size": 16}])
+def test_recbole_budget_matches_our_steps(tmp_path, overrides):
     split = split_interactions(load_file(write_csv(tmp_path / "d.csv", n_users=60)))
-    cfg = our_config(split, "small")
+    cfg = our_config(split, "small", overrides)
     rb, budget = recbole_budget(split, cfg, 8, 3)
     assert rb["hidden_size"] == cfg.d_model and rb["MAX_ITEM_LIST_LENGTH"] == cfg.max_len
     assert rb["stopping_step"] == 2 and rb["epochs"] == 8 and rb["learning_rate"] == cfg.lr
     # RecBole's training rows = one per training target; the same number of steps per epoch as ours.
     assert budget["training_targets"] == sum(max(0, len(split.train_seq(i)) - 1) for i in range(len(split.seqs)))
     assert math.ceil(budget["training_targets"] / rb["train_batch_size"]) == budget["our_steps_per_epoch"]
+    if cfg.window_stride == 1:  # one prefix per target, as RecBole: the same batch size
+        assert budget["our_windows"] == budget["training_targets"] and rb["train_batch_size"] == min(cfg.batch_size, budget["training_targets"])
+    else:  # disjoint windows: several targets per window, so RecBole's batch is larger
+        assert budget["our_windows"] < budget["training_targets"] and rb["train_batch_size"] > cfg.batch_size
 
 
 def test_bench_quality_help():

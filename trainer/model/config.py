@@ -70,6 +70,10 @@ class OneRankerConfig:
     # the item table (dense, cheap supervision of the backbone, as SASRec/HSTU train), this weight
     # next to L_MTP. 0 = off.
     state_weight: float = 0.0
+    # Next-item protocol (trainer/nextitem_data.py): training windows end every window_stride tokens
+    # and supervise only the positions no later window does; 1 = one prefix per target (RecBole's
+    # pipeline: every target read with its full max_len context), 0 = max_len (disjoint windows).
+    window_stride: int = 0
     lr: float = 2e-3
     clip_norm: float = 1.0  # per parameter group (ranker / the rest), see trainer/clipping.py
     weight_decay: float = 0.0
@@ -101,6 +105,7 @@ class OneRankerConfig:
         # Checkpoints written before these switches existed have neither the tensors nor the
         # behaviour: they load as they were trained.
         d.setdefault("popularity_feature", False)
+        d.setdefault("window_stride", 0)
         if "interest_stages" in d:
             d["interest_stages"] = tuple(d["interest_stages"])
         return cls(**d)

@@ -74,7 +74,7 @@ def recbole_budget(split, cfg, epochs: int, patience: int) -> dict:
     """RecBole SASRec's config matched to our SASRec's (see the module docstring)."""
     from trainer.nextitem_data import training_windows
 
-    windows = training_windows(split, cfg.max_len)
+    windows = training_windows(split, cfg.max_len, cfg.window_stride)
     targets = sum(w.b - w.c for w in windows)
     steps = math.ceil(len(windows) / cfg.batch_size)
     return {"hidden_size": cfg.d_model, "inner_size": cfg.ffn_mult * cfg.d_model, "n_layers": cfg.n_layers,
@@ -147,7 +147,7 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
                   models: str = "recbole-sasrec,popularity,sasrec,oneranker-gen-only", out: str | None = None,
                   epochs: int | None = None, patience: int | None = None, threads: int = 2, jobs: int = 1,
                   preset: str = "small", ours_from: str | None = None, ours_missing: str = "train",
-                  limit: int | None = None, device: str = "cpu") -> dict:
+                  limit: int | None = None, device: str = "cpu", overrides: dict | None = None) -> dict:
     from streaming.replay.datasets import load_interactions
     from trainer.nextitem import DEFAULT_EPOCHS, DEFAULT_PATIENCE, nextitem_main
     from trainer.nextitem_data import split_interactions
@@ -172,7 +172,8 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
     if limit:
         inter = inter.head(limit)
     split = split_interactions(inter)
-    cfg = our_config(split, preset)
+    overrides = dict(overrides or {})
+    cfg = our_config(split, preset, overrides)
     rb_cfg, budget = recbole_budget(split, cfg, epochs, patience)
     n_eval = len(split.eval_rows())
     n_train = sum(len(split.train_seq(i)) for i in range(len(split.seqs)))
@@ -186,7 +187,7 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
     log(f"budget: ours {budget['our_steps_per_epoch']} steps/epoch of {cfg.batch_size} windows "
         f"({budget['training_targets']} targets/epoch) → RecBole train_batch_size {rb_cfg['train_batch_size']}")
     res: dict = {"bench": "quality", "dataset": dataset, "seeds": seeds, "epochs": epochs, "patience": patience,
-                 "preset": preset, "device": device, "budget": budget, "recbole_config": rb_cfg, "our_config": cfg.to_dict(),
+                 "preset": preset, "device": device, "overrides": overrides, "budget": budget, "recbole_config": rb_cfg, "our_config": cfg.to_dict(),
                  "n_eval_users": n_eval, "n_train_interactions": n_train, "atomic_sha1": digest,
                  "per_seed": {}, "recbole_runs": {}, "ours_source": {}}
 
@@ -230,7 +231,8 @@ def bench_quality(dataset: str = "movielens-100k", seeds: list[int] = (0, 1, 2),
         got = dict(have)
         if todo:
             log(f"ours: training {','.join(todo)} seed {s} (trainer/nextitem.py)")
-            r = nextitem_main(dataset, ",".join(todo), preset, epochs, patience, device, None, s, limit, threads)
+            r = nextitem_main(dataset, ",".join(todo), preset, epochs, patience, device, None, s, limit, threads,
+                              **overrides)
             got.update(r["models"])
         for m in ours:
             if m in got:

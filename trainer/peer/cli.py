@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -30,6 +30,9 @@ def bench_quality_cmd(
     limit: Optional[int] = typer.Option(None, help="First N interactions only."),
     device: str = typer.Option("cpu", help="cpu | cuda: where RecBole and our models train (ONERANKER_PEER_PYTHON "
                                "may name an interpreter with recbole when .venv-recbole is CPU-only)."),
+    set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="Our config override (e.g. --set batch_size=2048), as `oneranker evaluate "
+                                        "--set`; RecBole's budget follows it."),
 ) -> None:
     """RecBole's SASRec (peer library, own venv, `make peer-venv`) vs our models on the same split and
     budget: one table (HR@10, NDCG@10, HR@50, train s, ratios to popularity and to RecBole SASRec)."""
@@ -39,5 +42,8 @@ def bench_quality_cmd(
         raise typer.BadParameter("train | skip", param_hint="--ours-missing")
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("cpu | cuda", param_hint="--device")
+    from trainer.evaluate import parse_overrides
+
     bench_quality(dataset, [int(s) for s in seeds.split(",") if s.strip()], models, str(out) if out else None,
-                  epochs, patience, threads, jobs, preset, str(ours_from) if ours_from else None, ours_missing, limit, device)
+                  epochs, patience, threads, jobs, preset, str(ours_from) if ours_from else None, ours_missing, limit, device,
+                  parse_overrides(set_))

@@ -1,4 +1,4 @@
-# Seed-0 ablations of our SASRec (8 epochs, patience 3): PYTHONPATH=. python trainer/results/sasrec_ablation_seed0/ablation.py VARIANT
+# Seed-0 ablations of our SASRec as it was at commit 60885a2 (pre-LN; its RecBole-like encoder is now the default, so run them from that commit) (8 epochs, patience 3): PYTHONPATH=. python trainer/results/sasrec_ablation_seed0/ablation.py VARIANT
 # VARIANT joins any of postln, embln, init02, nouser, leftpos, constlr, stride1 with "-" (exp_<VARIANT>.json lands in /tmp).
 import sys, torch, torch.nn as nn
 import trainer.model.baselines as B
@@ -48,6 +48,6 @@ if "constlr" in what:
     class Const(torch.optim.lr_scheduler.LambdaLR):
         def __init__(self, opt, fn): super().__init__(opt, lambda s: 1.0)
     torch.optim.lr_scheduler.LambdaLR = Const
-extra = dict(stride=1, batch_size=644) if "stride1" in what else {}  # RecBole's pipeline: one prefix per target
+extra = dict(window_stride=1, batch_size=644) if "stride1" in what else {}  # RecBole's pipeline: one prefix per target
 N.nextitem_main('movielens-100k', 'sasrec', 'small', 8, 3, 'cpu', f'/tmp/exp_{what}.json', 0, None,
                 2 if "stride1" in what else 1, **extra)
