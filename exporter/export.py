@@ -114,15 +114,21 @@ def _sample_inputs(samples: Sequence[dict]):
     return out
 
 
-def holdout_metrics(ranker: OnnxRanker, samples: Sequence[dict], batch: int = 32) -> dict:
+def holdout_metrics(ranker: OnnxRanker, samples: Sequence[dict], batch: int = 32,
+                    known: dict[str, tuple] | None = None) -> dict:
     """HR@10 of a clicked ad in the whole-corpus top-10, and GAUC over the exposed ads (scores of
     each request's exposed ads, from the graph with eligibility = those ads). ``per_request`` keeps
-    each holdout request's hit and AUC (None where undefined) so two models can be compared pairwise."""
+    each holdout request's hit and AUC (None where undefined) so two models can be compared pairwise,
+    and ``by_sample`` the same by sample id. Samples in ``known`` (sample id → (hit, auc) of this same
+    snapshot, scored before) are not scored again."""
+    known = known or {}
     rows = _sample_inputs(samples)
-    per_hit: list[float | None] = []
-    per_auc: list[float | None] = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
+    ids_of = [str(d.get("sample_id", "")) for d in samples]
+    todo = [i for i, sid in enumerate(ids_of) if not sid or sid not in known]
+    scored: dict[int, tuple] = {}
+    for i in range(0, len(todo), batch):
+        idx = todo[i:i + batch]
+        chunk = [rows[j] for j in idx]
         users = [r[0] for r in chunk]
         seqs = [r[1] for r in chunk]
         devs = [r[2] for r in chunk]
@@ -132,25 +138,27 @@ def holdout_metrics(ranker: OnnxRanker, samples: Sequence[dict], batch: int = 32
         for b, (_, _, _, ads) in enumerate(chunk):
             clicked = {ranker.items.get(a.ad_id) for a in ads if a.click}
             clicked.discard(1)
-            per_hit.append(float(bool(clicked & set(int(x) for x in ids[b][:10])))
-                           if any(a.click for a in ads) else None)
+            hit = float(bool(clicked & set(int(x) for x in ids[b][:10]))) if any(a.click for a in ads) else None
             score = {int(x): float(s) for x, s in zip(rids[b], rscores[b]) if s > NEG_HALF}
             pos = [score.get(ranker.items.get(a.ad_id), -np.inf) for a in ads if a.click]
             neg = [score.get(ranker.items.get(a.ad_id), -np.inf) for a in ads if not a.click]
+            auc = None
             if pos and neg:
                 p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-                per_auc.append(float(((p > n) + 0.5 * (p == n)).mean()))
-            else:
-                per_auc.append(None)
+                auc = float(((p > n) + 0.5 * (p == n)).mean())
+            scored[idx[b]] = (hit, auc)
+    res = [scored[i] if i in scored else tuple(known[ids_of[i]]) for i in range(len(rows))]
+    per_hit, per_auc = [r[0] for r in res], [r[1] for r in res]
     hits = [h for h in per_hit if h is not None]
     aucs = [a for a in per_auc if a is not None]
     return {"n": len(rows), "hr@10": float(np.mean(hits)) if hits else None,
             "gauc": float(np.mean(aucs)) if aucs else None, "n_hr": len(hits), "n_auc": len(aucs),
-            "per_request": {"hr@10": per_hit, "gauc": per_auc}}
+            "scored": len(scored), "per_request": {"hr@10": per_hit, "gauc": per_auc},
+            "by_sample": {sid: r for sid, r in zip(ids_of, res) if sid}}
 
 
 def _without_per_request(metrics: dict | None) -> dict | None:
-    return None if metrics is None else {k: v for k, v in metrics.items() if k != "per_request"}
+    return None if metrics is None else {k: v for k, v in metrics.items() if k not in ("per_request", "by_sample")}
 
 
 def gate(candidate: dict, current: dict | None, tolerance: float, z: float = 2.0) -> tuple[bool, list[str]]:
@@ -237,6 +245,10 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
 # The session of the snapshot this process published last, by (store URL, version): it is what
 # serves until the next export, so the gate scores it without fetching and loading it again.
 _PUBLISHED: dict[tuple[str, int], OnnxRanker] = {}
+# Its holdout results by sample id, from its own gate: the next checkpoint's holdout (the trainer's
+# most recent samples) mostly repeats the last one, so the serving side of the gate scores only the
+# samples that are new since then (a sample's result depends only on the snapshot and the sample).
+_PUBLISHED_SCORES: dict[tuple[str, int], dict[str, tuple]] = {}
 
 
 def _current_metrics(store: SnapshotStore, samples, workdir: Path, threads: int | None) -> tuple[int | None, dict | None]:
@@ -247,9 +259,12 @@ def _current_metrics(store: SnapshotStore, samples, workdir: Path, threads: int 
     d = workdir / f"serving-{v}"
     try:
         r = _PUBLISHED.get((store.url, v))
+        known = _PUBLISHED_SCORES.get((store.url, v))
+        if known is not None and all(str(x.get("sample_id", "")) in known for x in samples):
+            return v, holdout_metrics(r, samples, known=known)  # r unused: nothing left to score
         if r is None:
             r = OnnxRanker(d, store.fetch(v, d), threads=threads, want_cuda=False)
-        return v, holdout_metrics(r, samples)
+        return v, holdout_metrics(r, samples, known=known)
     except (SnapshotError, OSError, ValueError) as exc:
         log.warning("cannot score the serving snapshot %s (%s): gating against nothing", v, exc)
         return v, None
@@ -264,6 +279,7 @@ class Staged:
     manifest: dict | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
     ranker: OnnxRanker | None = None  # the candidate's session (kept once published)
+    scores: dict[str, tuple] | None = None  # its holdout results by sample id (kept once published)
 
     def cleanup(self) -> None:
         if self._tmp is not None:
@@ -342,7 +358,8 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     (snap / "manifest.json").unlink()
     manifest["metrics"] = {"train": ckpt.metrics, "holdout": _without_per_request(cand),
                            "parity": report["parity"]}
-    return Staged(ExportResult("staged", ckpt.step, report=report), snap, manifest, tmp, ranker)
+    return Staged(ExportResult("staged", ckpt.step, report=report), snap, manifest, tmp, ranker,
+                  cand.get("by_sample"))
 
 
 def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: bool = True,
@@ -359,6 +376,9 @@ def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: boo
     if staged.ranker is not None:
         _PUBLISHED.clear()
         _PUBLISHED[(store.url, version)] = staged.ranker
+    _PUBLISHED_SCORES.clear()
+    if staged.scores:
+        _PUBLISHED_SCORES[(store.url, version)] = dict(staged.scores)
     if promote:
         store.set_current(version, "publish")
     result.report["removed"] = store.retain(keep)

@@ -68,11 +68,11 @@ def fit_unirom(data: URData, seed: int, epochs: dict, log=print, full: bool = Tr
 def fit_mca(data: URData, seed: int, epochs: int, log=print):
     """The project's cascade (SASRec recall → pointwise pCTR ranker; trainer/model/baselines.py),
     trained as trainer/evaluate.py trains it; GSP is applied at evaluation."""
-    from trainer.evaluate import EVAL_DEFAULTS, EVAL_LR, build_model, resolve_device, train
+    from trainer.evaluate import EVAL_DEFAULTS, build_model, resolve_device, train
     from trainer.model.config import preset
 
     cfg = preset("small", **EVAL_DEFAULTS)
-    cfg = cfg.replace(num_items=len(data.items), num_users=len(data.users), lr=EVAL_LR["cascade"])
+    cfg = cfg.replace(num_items=len(data.items), num_users=len(data.users))
     torch.manual_seed(seed)
     model = build_model("cascade", cfg)
     clicks = torch.zeros(len(data.items))

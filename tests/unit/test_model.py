@@ -316,3 +316,15 @@ def test_click_share_feature_reaches_only_its_candidate_and_old_configs_load_wit
     assert "item_log_pop" not in old.state_dict() and old.ranker.pop_in is None
     restored = ck.build_model(ck.Checkpoint(0, old_cfg, old.state_dict(), {}, {}))
     assert "item_log_pop" not in restored.state_dict()
+
+
+def test_a_checkpoint_config_from_before_embed_norm_builds_the_model_it_was_trained_as():
+    from trainer.model.config import OneRankerConfig, preset
+    from trainer.model.oneranker import OneRanker
+
+    new = preset("tiny", num_items=20, num_users=5)
+    old = {k: v for k, v in new.to_dict().items() if k != "embed_norm"}
+    assert new.embed_norm and not OneRankerConfig.from_dict(old).embed_norm
+    keys_new = set(OneRanker(new).state_dict())
+    keys_old = set(OneRanker(OneRankerConfig.from_dict(old)).state_dict())
+    assert keys_new - keys_old == {"backbone.embed_ln.weight", "backbone.embed_ln.bias"}

@@ -9,8 +9,6 @@ next to H1 rather than placed inside the causal sequence.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,10 +97,11 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList([HSTUBlock(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.embed_ln = nn.LayerNorm(cfg.d_model) if cfg.embed_norm else nn.Identity()
 
     def forward(self, user: torch.Tensor, items: torch.Tensor, actions: torch.Tensor,
                 times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.drop(self.embed.sequence(user, items, actions) * math.sqrt(1.0))
+        x = self.drop(self.embed_ln(self.embed.sequence(user, items, actions)))
         B, S, _ = x.shape
         valid = torch.cat([torch.ones_like(items[:, :1], dtype=torch.bool), items > 0], dim=1)  # [B, S]
         idx = torch.arange(S, device=items.device)
