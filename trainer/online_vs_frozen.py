@@ -91,8 +91,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, e.g. --set embed_norm=false")
     a = p.parse_args(argv)
-    online_vs_frozen(a.dataset, a.limit, a.preset, a.batch_size, a.split, a.device, a.seed, a.threads, out=a.out)
+    from trainer.evaluate import parse_overrides
+
+    online_vs_frozen(a.dataset, a.limit, a.preset, a.batch_size, a.split, a.device, a.seed, a.threads, out=a.out,
+                     **parse_overrides(a.set))
 
 
 if __name__ == "__main__":
