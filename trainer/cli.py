@@ -72,10 +72,10 @@ def evaluate_cmd(
     models: Optional[str] = typer.Option(None, help="Comma list or 'all' (popularity, sasrec, cascade, oneranker, "
                                          "ablations). Default: all; next-item: popularity,sasrec,oneranker-gen-only."),
     preset: str = typer.Option("small", help="small | paper."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs per model (default 3; next-item: at most 8, "
+    epochs: Optional[int] = typer.Option(None, help="Training epochs per model (default 5; next-item: at most 40, "
                                          "early stopping on the validation items)."),
     patience: Optional[int] = typer.Option(None, help="next-item: stop after this many epochs without a better "
-                                           "validation HR@10 (default 3)."),
+                                           "validation HR@10 (default 5)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     out: Optional[Path] = typer.Option(None, help="Write the results JSON here."),
     limit: Optional[int] = typer.Option(None, help="First N interactions only."),
