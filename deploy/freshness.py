@@ -15,7 +15,7 @@ the previous one to the first moment the stage covers the request's sample:
 * ``validate``   → that snapshot published (ONNX export, checker, parity, quality gate, upload;
                  the manifest's ``published``)
 * ``swap``       → a replica serving such a snapshot (announcement, download, verify, warm, swap;
-                 ``oneranker up`` polls the replicas every 0.5 s)
+                 the replica's own swap time from ``/readyz``, which ``oneranker up`` polls)
 """
 
 from __future__ import annotations

@@ -162,6 +162,9 @@ class Replica:
             try:
                 consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
                                          enable_auto_commit=False, request_timeout_ms=15000,
+                                         # a fetch the broker holds back costs its whole wait when the
+                                         # broker does not answer early: 100 ms, not the 500 default
+                                         fetch_max_wait_ms=100,
                                          client_id=f"oneranker-replica-{self.replica_id}")
                 parts = None
                 deadline = time.monotonic() + 30
@@ -264,7 +267,7 @@ class Replica:
         self.metrics.swaps.inc()
         t_end = time.perf_counter()
         self.metrics.swap_seconds.set(t_end - t0)
-        self.last_swap = {"version": version, "s": t_end - t0, "fetch_s": t_fetch - t0,
+        self.last_swap = {"version": version, "at": time.time(), "s": t_end - t0, "fetch_s": t_fetch - t0,
                           "build_s": t_build - t_fetch, "warm_s": t_end - t_build}
         log.info("[%s] serving snapshot %d (was %s; %s; %.2f s; providers %s)", self.replica_id, version,
                  old.version if old else None, reason, time.perf_counter() - t0, ranker.providers)

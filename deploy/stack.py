@@ -54,8 +54,10 @@ class UpOptions:
     sample_every: int = 50  # every N-th request is followed for freshness
     show_users: int = 3
     metrics_port: int = 0  # Prometheus endpoint of `up` (freshness histogram); 0 = any free port
-    checkpoint_every_s: float = 3.0
-    export_interval_s: float = 2.0
+    # The exporter asks for a checkpoint whenever it is idle (trainer/checkpoint.py, want_checkpoint)
+    # and looks for it every export_interval_s; the timed checkpoint is the crash-recovery fallback.
+    checkpoint_every_s: float = 10.0
+    export_interval_s: float = 0.2
     # The replay sends each topic-partition in event-time order, so the watermark needs little
     # slack for disorder; a quiet topic (conversions are sparse) stops holding it after idle_s.
     # Labels that still come after their window are counted (summary "late_labels").
@@ -109,13 +111,17 @@ def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str,
     return specs
 
 
-def replica_version(client: httpx.Client, port: int) -> str | None:
+def replica_version(client: httpx.Client, port: int) -> tuple[str | None, float | None]:
+    """The version a replica serves, and the wall time it swapped it in (None if it cannot say)."""
     try:
         r = client.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
-        v = r.json().get("model_version") if r.status_code == 200 else None
-        return None if v is None else str(v)
+        doc = r.json() if r.status_code == 200 else {}
     except (httpx.HTTPError, ValueError):
-        return None
+        return None, None
+    v = doc.get("model_version")
+    swap = doc.get("last_swap") or {}
+    at = swap.get("at") if v is not None and swap.get("version") == v else None
+    return (None if v is None else str(v)), at
 
 
 def snapshot_offsets(store_url: str, version: str) -> dict[int, int]:
@@ -333,7 +339,7 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
             manifests.poll()
             now = time.time()
             for name in versions:
-                v = replica_version(client, ports[name])
+                v, swapped_at = replica_version(client, ports[name])
                 if v and v != versions[name]:
                     versions[name] = v
                     first_version = first_version or v
@@ -344,7 +350,8 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
                             log.debug("manifest of %s not readable yet: %s", v, exc)
                             versions[name] = None
                             continue
-                    fresh.on_version(now, offsets_cache[v])
+                    # the replica's own swap time: this loop's polling interval is not freshness
+                    fresh.on_version(min(now, swapped_at or now), offsets_cache[v])
             live.update(table())
             all_newer = all(v and v != first_version for v in versions.values())
             caught_up = replay_done.is_set() and counts["samples"] >= len(requests)

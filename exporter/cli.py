@@ -91,7 +91,8 @@ def export_cmd(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint-dir", help="The trainer's checkpoint directory."),
     store: Optional[str] = StoreOpt,
     watch: bool = typer.Option(False, "--watch", help="Keep running; export every newer checkpoint."),
-    interval_s: float = typer.Option(10.0, "--interval-s", help="Seconds between checks in --watch."),
+    interval_s: float = typer.Option(10.0, "--interval-s", help="Seconds between checks in --watch (idle, "
+                                     "it also asks the trainer for a checkpoint of its newest weights)."),
     keep: int = typer.Option(5, "--keep", help="Snapshots to keep in the store (the current one always stays)."),
     gate_tolerance: float = typer.Option(0.02, "--gate-tolerance",
                                          help="Allowed drop of HR@10 / GAUC vs the serving snapshot."),

@@ -30,6 +30,13 @@ EXPORT_K = 100  # top-K baked into the graph; requests ask for k ≤ this
 PARITY_ATOL = 1e-4
 TIE_ATOL = 1e-5
 GATE_METRICS = ("hr@10", "gauc")
+# The gate is a group-sequential paired test: it looks after every GATE_LOOK holdout requests (the
+# newest first) and stops as soon as the decision is settled. Consecutive snapshots rank most
+# requests the same, so one look usually settles it: a quarter of the scoring of a fixed 512-request
+# holdout, the largest part of a snapshot's time (measured: 2.8 of 3.6 s). z = 2.36 at every look is
+# Pocock's boundary for 4 looks at an overall two-sided α of 0.05.
+GATE_LOOK = 128
+GATE_Z = 2.36
 # onnxruntime intra-op threads for parity and the gate. The exporter shares the CPU with the trainer,
 # the stream worker and the replicas: on the 2-core machine, scoring a 256-request holdout took
 # 1.6-1.8 s with 1 thread and 3.1-3.3 s with 2 while other work ran (batch 32 or 128 alike).
@@ -161,21 +168,25 @@ def _without_per_request(metrics: dict | None) -> dict | None:
     return None if metrics is None else {k: v for k, v in metrics.items() if k not in ("per_request", "by_sample")}
 
 
-def gate(candidate: dict, current: dict | None, tolerance: float, z: float = 2.0) -> tuple[bool, list[str]]:
+def gate(candidate: dict, current: dict | None, tolerance: float,
+         z: float = GATE_Z) -> tuple[bool, bool, list[str]]:
     """Refuse the candidate when it is confidently worse than the serving snapshot by more than
     ``tolerance`` on a metric: the upper bound (mean + z·SE) of the paired per-request difference
     candidate − serving, over the holdout requests both can score, lies below −tolerance.
+    Returns (ok, settled, notes): ``settled`` when more requests could not change the decision at
+    this confidence: refused, or every metric's lower bound (mean − z·SE) above −tolerance.
 
     Pairing matters: a holdout of a few hundred requests gives each model's GAUC a standard error
     of ~0.02–0.03, so comparing two noisy means would refuse equally good models at random."""
     if not current:
-        return True, ["no snapshot serving: nothing to compare"]
-    notes, ok = [], True
+        return True, True, ["no snapshot serving: nothing to compare"]
+    notes, ok, settled = [], True, True
     for m in GATE_METRICS:
         c_all = (candidate.get("per_request") or {}).get(m)
         s_all = (current.get("per_request") or {}).get(m)
         if candidate.get(m) is None or current.get(m) is None:
             notes.append(f"{m}: not computable on this holdout")
+            settled = False  # more requests may make it computable
             continue
         if c_all is not None and s_all is not None and len(c_all) == len(s_all):
             d = np.asarray([c - s for c, s in zip(c_all, s_all) if c is not None and s is not None])
@@ -183,15 +194,16 @@ def gate(candidate: dict, current: dict | None, tolerance: float, z: float = 2.0
             d = np.asarray([candidate[m] - current[m]])
         mean = float(d.mean())
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        upper = mean + z * se
+        upper, lower = mean + z * se, mean - z * se
         line = (f"{m}: {candidate[m]:.4f} vs serving {current[m]:.4f} "
                 f"(paired Δ {mean:+.4f} ± {z:g}·{se:.4f} over {len(d)})")
         if upper < -tolerance:
             ok = False
             notes.append(f"{line}: worse by more than tolerance {tolerance}")
         else:
+            settled = settled and len(d) > 1 and lower > -tolerance
             notes.append(f"{line} ok")
-    return ok, notes
+    return ok, settled or not ok, notes
 
 
 # --- parity --------------------------------------------------------------------------------
@@ -251,23 +263,68 @@ _PUBLISHED: dict[tuple[str, int], OnnxRanker] = {}
 _PUBLISHED_SCORES: dict[tuple[str, int], dict[str, tuple]] = {}
 
 
-def _current_metrics(store: SnapshotStore, samples, workdir: Path, threads: int | None) -> tuple[int | None, dict | None]:
-    cur = store.current()
-    if not cur:
-        return None, None
-    v = int(cur["version"])
-    d = workdir / f"serving-{v}"
-    try:
-        r = _PUBLISHED.get((store.url, v))
-        known = _PUBLISHED_SCORES.get((store.url, v))
-        if known is not None and all(str(x.get("sample_id", "")) in known for x in samples):
-            return v, holdout_metrics(r, samples, known=known)  # r unused: nothing left to score
-        if r is None:
-            r = OnnxRanker(d, store.fetch(v, d), threads=threads, want_cuda=False)
-        return v, holdout_metrics(r, samples, known=known)
-    except (SnapshotError, OSError, ValueError) as exc:
-        log.warning("cannot score the serving snapshot %s (%s): gating against nothing", v, exc)
-        return v, None
+class _ServingScorer:
+    """The serving snapshot's side of the gate: its session (this process's last publication, else
+    fetched once) and its holdout results by sample id, from its own gate and from earlier looks."""
+
+    def __init__(self, store: SnapshotStore, workdir: Path, threads: int | None):
+        cur = store.current()
+        self.store, self.workdir, self.threads = store, workdir, threads
+        self.version = int(cur["version"]) if cur else None
+        key = (store.url, self.version)
+        self.ranker = _PUBLISHED.get(key)
+        self.known = dict(_PUBLISHED_SCORES.get(key) or {})
+        self.scored = 0
+        self.broken = False
+
+    def metrics(self, samples) -> dict | None:
+        if self.version is None or self.broken:
+            return None
+        try:
+            if self.ranker is None and not all(str(x.get("sample_id", "")) in self.known for x in samples):
+                d = self.workdir / f"serving-{self.version}"
+                self.ranker = OnnxRanker(d, self.store.fetch(self.version, d), threads=self.threads,
+                                         want_cuda=False)
+            res = holdout_metrics(self.ranker, samples, known=self.known)
+        except (SnapshotError, OSError, ValueError) as exc:
+            log.warning("cannot score the serving snapshot %s (%s): gating against nothing", self.version, exc)
+            self.broken = True
+            return None
+        self.known.update(res["by_sample"])
+        self.scored += res["scored"]
+        return {**res, "scored": self.scored}
+
+
+def _sequential_gate(ranker: OnnxRanker, samples, serving: _ServingScorer, tolerance: float):
+    """Score candidate and serving on the newest GATE_LOOK holdout requests, then on more, until
+    the gate is settled or the holdout is used up. Returns (ok, notes, candidate, serving)."""
+    newest_first = list(reversed(samples))
+    cand_known: dict[str, tuple] = {}
+    cand_scored = 0
+    for m in range(GATE_LOOK, len(newest_first) + GATE_LOOK, GATE_LOOK):
+        part = newest_first[:m]
+        cand = holdout_metrics(ranker, part, known=cand_known)
+        cand_known.update(cand["by_sample"])
+        cand_scored += cand["scored"]
+        cand["scored"] = cand_scored
+        cur = serving.metrics(part)
+        ok, settled, notes = gate(cand, cur, tolerance)
+        if settled or m >= len(newest_first):
+            return ok, notes + [f"looks: {m // GATE_LOOK} ({len(part)} of {len(samples)} requests)"], cand, cur
+    return True, ["empty holdout"], {}, None
+
+
+class _PhaseClock:
+    """Seconds per phase of one export (in the report as ``phases_s``: where a snapshot's time goes)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._t, 3)
+        self._t = now
 
 
 @dataclass
@@ -321,9 +378,11 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
             cur_step = -1
         if cur_step >= ckpt.step:
             return Staged(ExportResult("up_to_date", ckpt.step, int(cur["version"])))
+    clock = _PhaseClock()
     model = _serving_model(ckpt, min_item_rows)
     samples = load_holdout(ckpt, holdout_file)
-    report: dict[str, Any] = {"holdout_samples": len(samples)}
+    report: dict[str, Any] = {"holdout_samples": len(samples), "phases_s": clock.phases}
+    clock.lap("load")
     tmp = tempfile.TemporaryDirectory(prefix="oneranker-export-")
     work = Path(tmp.name)
     snap = work / "snapshot"
@@ -334,23 +393,28 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
         log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
         tmp.cleanup()
         return Staged(ExportResult("check_failed", ckpt.step, report={"error": str(exc)}))
+    clock.lap("export")
     write_id_maps(ckpt, snap)
     manifest = {"checkpoint_step": ckpt.step, "created": time.time(),
                 "trained_through": {"offsets": ckpt.offsets, "event_time_ms": ckpt.trained_through_ts},
                 "model": model_manifest(model, graph)}
     (snap / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
     ranker = OnnxRanker(snap, threads=threads, want_cuda=False)
+    clock.lap("session")
     report["export"] = graph
     report["parity"] = parity(model, ranker, samples)
+    clock.lap("parity")
     if not report["parity"]["ok"]:
         log.error("parity failed for checkpoint %d: %s", ckpt.step, report["parity"])
         tmp.cleanup()
         return Staged(ExportResult("parity_failed", ckpt.step, report=report))
-    cand = holdout_metrics(ranker, samples) if samples else {}
-    serving_v, serving = _current_metrics(store, samples, work, threads) if samples else (None, None)
-    ok, notes = gate(cand, serving, gate_tolerance)
-    report["gate"] = {"ok": ok, "tolerance": gate_tolerance, "candidate": _without_per_request(cand),
-                      "serving_version": serving_v, "serving": _without_per_request(serving), "notes": notes}
+    scorer = _ServingScorer(store, work, threads)
+    ok, notes, cand, serving = _sequential_gate(ranker, samples, scorer, gate_tolerance) if samples else (
+        True, ["empty holdout"], {}, None)
+    clock.lap("gate")
+    report["gate"] = {"ok": ok, "tolerance": gate_tolerance, "z": GATE_Z, "look": GATE_LOOK,
+                      "candidate": _without_per_request(cand), "serving_version": scorer.version,
+                      "serving": _without_per_request(serving), "notes": notes}
     if not ok:
         log.error("quality gate refused checkpoint %d: %s", ckpt.step, "; ".join(notes))
         tmp.cleanup()
@@ -358,6 +422,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     (snap / "manifest.json").unlink()
     manifest["metrics"] = {"train": ckpt.metrics, "holdout": _without_per_request(cand),
                            "parity": report["parity"]}
+    manifest["gate"] = report["gate"]  # the decision and the numbers behind it
     return Staged(ExportResult("staged", ckpt.step, report=report), snap, manifest, tmp, ranker,
                   cand.get("by_sample"))
 
@@ -368,10 +433,12 @@ def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: boo
     result = staged.result
     if staged.dir is None:
         return result
+    t0 = time.perf_counter()
     try:
         doc = store.publish(staged.dir, staged.manifest)
     finally:
         staged.cleanup()
+    result.report.setdefault("phases_s", {})["publish"] = round(time.perf_counter() - t0, 3)
     version = doc["version"]
     if staged.ranker is not None:
         _PUBLISHED.clear()
@@ -422,8 +489,9 @@ class KafkaAnnouncer:
 
 def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_s: float = 10.0,
           on_result: Callable[[ExportResult], None] | None = None, **kw) -> None:
-    """Export whenever a newer checkpoint appears (a refused one is not retried)."""
-    from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load, read_manifest
+    """Export whenever a newer checkpoint appears (a refused one is not retried). Idle, it asks the
+    trainer for its newest weights (``want_checkpoint``) rather than waiting for its next interval."""
+    from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load, read_manifest, want_checkpoint
 
     done = -1
     while not stop.is_set():
@@ -451,6 +519,7 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
                 on_result(result)
             break
         if done == before:  # nothing new; after an export, a checkpoint written meanwhile goes next
+            want_checkpoint(ckpt_dir)
             stop.wait(interval_s)
 
 

@@ -10,6 +10,11 @@ A checkpoint is two files in the checkpoint directory:
 
 Both are written atomically (temp file, fsync, rename, fsync of the directory). Readers verify the
 sha256 and skip a truncated or corrupt checkpoint with a warning.
+
+A reader that wants the newest weights now (the exporter, idle after a snapshot) leaves the file
+``export-wanted`` in the directory (``want_checkpoint``); the trainer checks for it between steps and
+writes a checkpoint at once (``take_checkpoint_request``) instead of at its next interval, so a
+snapshot starts from weights a step old, not up to a checkpoint interval old.
 """
 
 from __future__ import annotations
@@ -101,6 +106,27 @@ def save(ckpt_dir: Path, ckpt: Checkpoint, keep: int = 3) -> Path:
         for p in (old, old.with_suffix(".json")):
             p.unlink(missing_ok=True)
     return pt
+
+
+WANTED = "export-wanted"
+
+
+def want_checkpoint(ckpt_dir: Path) -> None:
+    """Ask the trainer for a checkpoint of its newest weights (idempotent)."""
+    flag = Path(ckpt_dir) / WANTED
+    if not flag.exists():
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
+
+
+def take_checkpoint_request(ckpt_dir: Path) -> bool:
+    """True once per request: the flag is removed BEFORE the checkpoint is written, so a request
+    made while it is being written stays for the next one instead of being lost."""
+    try:
+        (Path(ckpt_dir) / WANTED).unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -310,7 +310,8 @@ class StreamTrainer:
                     last_metrics = now
                 due_steps = self.o.checkpoint_every_steps and lr.step_no - max(self.last_ckpt_step, 0) >= self.o.checkpoint_every_steps
                 due_time = self.o.checkpoint_every_s and now - self.last_ckpt_time >= self.o.checkpoint_every_s
-                if (due_steps or due_time) and lr.learned_since_ckpt:
+                if lr.learned_since_ckpt and (due_steps or due_time or ckpt_mod.take_checkpoint_request(
+                        self.o.checkpoint_dir)):
                     self.checkpoint(lr, summary)
                 if self.o.max_samples is not None and learned_here >= self.o.max_samples:
                     break

@@ -45,6 +45,10 @@ def test_watch_exports_each_new_checkpoint(tmp_path):
     assert [a["version"] for a in announced] == [1, 2] and announced[1]["url"].endswith("/v00000002")
     assert store.versions() == [2] and store.current()["version"] == 2  # keep=1
     assert store.manifest(2)["checkpoint_step"] == 2
+    # idle, the exporter asked the trainer for its newest weights; the trainer takes the request once
+    assert checkpoint.take_checkpoint_request(ckdir) and not checkpoint.take_checkpoint_request(ckdir)
+    phases = results[1].report["phases_s"]
+    assert {"load", "export", "session", "parity", "gate", "publish"} <= set(phases)
 
 
 def test_an_untrained_checkpoint_warms_the_graph_and_a_catalog_sized_table_keeps_it(tmp_path):
