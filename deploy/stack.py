@@ -63,6 +63,7 @@ class UpOptions:
     # Labels that still come after their window are counted (summary "late_labels").
     allowed_lateness_ms: int = 500
     flush_idle_s: float = 0.5
+    train_max_wait_ms: int = 200  # a partial batch is learned after this long (freshness's learn stage)
 
 
 def _freshness_metric(port: int):
@@ -98,6 +99,7 @@ def _service_specs(opts: UpOptions, home: Path, store_url: str, ports: dict[str,
         ServiceSpec("trainer", _oneranker("train", "--device", "auto", "--preset", opts.preset,
                                           "--checkpoint-dir", ckpt,
                                           "--checkpoint-every-s", str(opts.checkpoint_every_s),
+                                          "--max-wait-ms", str(opts.train_max_wait_ms),
                                           "--metrics-port", str(ports["trainer"]))),
         ServiceSpec("exporter", _oneranker("export", "--watch", "--checkpoint-dir", ckpt,
                                            "--store", store_url, "--interval-s", str(opts.export_interval_s),

@@ -190,6 +190,8 @@ def up(
     allowed_lateness_ms: int = typer.Option(500, help="The stream worker's allowed event-time lateness."),
     flush_idle_s: float = typer.Option(0.5, help="A silent topic-partition stops holding the watermark "
                                        "after this many seconds."),
+    train_max_wait_ms: int = typer.Option(200, help="The trainer learns a partial batch after waiting "
+                                          "this long (the replay's ~95 samples/s fill its 64 in ~0.7 s)."),
 ) -> None:
     """The whole system as local processes on embedded defaults: broker, Feast, stream worker, trainer,
     exporter and serving replicas, fed by a dataset replay; prints recommendations and freshness."""
@@ -199,7 +201,8 @@ def up(
         code = run_up(UpOptions(dataset=dataset, speed=speed, limit=limit or None, replicas=replicas,
                                 impressions=impressions, preset=preset, port=port, home=home,
                                 timeout_s=timeout, metrics_port=metrics_port,
-                                allowed_lateness_ms=allowed_lateness_ms, flush_idle_s=flush_idle_s))
+                                allowed_lateness_ms=allowed_lateness_ms, flush_idle_s=flush_idle_s,
+                                train_max_wait_ms=train_max_wait_ms))
     except KeyboardInterrupt:
         console.print("interrupted: every service and the broker were stopped")
         code = 130
