@@ -41,6 +41,12 @@ def medians(runs: list[dict]) -> dict:
            "overlap@10": med([(r.get("diversity") or {}).get("mean_overlap@10") for r in runs]),
            "stages_p50_s": {s: med([((f.get("stages") or {}).get(s) or {}).get("p50_s") for f in fr])
                             for s in STAGES}}
+    order = ("load", "export", "session", "parity", "gate", "publish")  # exporter/export.py's phases
+    phases = sorted({k for r in runs for k in ((r.get("exports") or {}).get("phases_p50_s") or {})},
+                    key=lambda k: (order.index(k) if k in order else len(order), k))
+    out["export_phases_p50_s"] = {k: med([((r.get("exports") or {}).get("phases_p50_s") or {}).get(k)
+                                          for r in runs]) for k in phases}
+    out["gate_looks_mean"] = med([(r.get("exports") or {}).get("gate_looks_mean") for r in runs])
     return out
 
 
@@ -71,6 +77,9 @@ def print_table(doc: dict) -> None:
     for s in STAGES:
         row(f"  {s} p50 (s)", [((f.get("stages") or {}).get(s) or {}).get("p50_s") for f in fr],
             m["stages_p50_s"][s])
+    for k, v in (m.get("export_phases_p50_s") or {}).items():
+        row(f"  export phase {k} p50 (s)",
+            [((r.get("exports") or {}).get("phases_p50_s") or {}).get(k) for r in doc["runs"]], v)
     row("snapshots published", [r.get("snapshots_published") for r in doc["runs"]], m["snapshots"])
     row("top-10 overlap between users", [(r.get("diversity") or {}).get("mean_overlap@10") for r in doc["runs"]],
         m["overlap@10"])

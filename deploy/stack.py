@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,11 +377,33 @@ def _watch(opts, sup, fresh, counts, ports, store_url, requests, n_events, repla
                "samples": counts["samples"], "requests": len(requests), "freshness": fresh.summary(),
                "snapshots_published": len(manifests.seen_versions), "diversity": diversity,
                "late_labels": _late_labels(sup.log_dir.parent),
+               "exports": _export_phases(sup.log_dir.parent / "exports.json"),
                "restarts": {name: m.restarts for name, m in sup.services.items()}}
     (sup.log_dir.parent / "up-summary.json").write_text(json.dumps(summary, indent=2))
     if not ok:
         console.print("[red]the replicas did not reach a snapshot newer than the first one in time[/red]")
     return 0 if ok else 1
+
+
+def _export_phases(path: Path) -> dict:
+    """The exporter's results by status and, over its published snapshots, the median seconds of
+    each phase (exporter/export.py) and of the gate's looks: where a snapshot's time goes."""
+    import statistics
+
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    published = [r.get("report") or {} for r in results if r.get("status") == "published"]
+    phases: dict[str, list[float]] = {}
+    for rep in published:
+        for k, v in (rep.get("phases_s") or {}).items():
+            phases.setdefault(k, []).append(v)
+    looks = [int(n.split()[1]) for rep in published for n in (rep.get("gate") or {}).get("notes", [])
+             if n.startswith("looks: ")]
+    return {"by_status": dict(Counter(r.get("status") for r in results)),
+            "phases_p50_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
+            "gate_looks_mean": round(statistics.fmean(looks), 2) if looks else None}
 
 
 def _late_labels(home: Path) -> dict:
