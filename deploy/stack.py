@@ -58,7 +58,7 @@ class UpOptions:
     # The exporter asks for a checkpoint whenever it is idle (trainer/checkpoint.py, want_checkpoint)
     # and looks for it every export_interval_s; the timed checkpoint is the crash-recovery fallback.
     checkpoint_every_s: float = 10.0
-    export_interval_s: float = 0.2
+    export_interval_s: float = 0.1
     # The replay sends each topic-partition in event-time order, so the watermark needs little
     # slack for disorder; a quiet topic (conversions are sparse) stops holding it after idle_s.
     # Labels that still come after their window are counted (summary "late_labels").

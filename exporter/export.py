@@ -30,8 +30,9 @@ EXPORT_K = 100  # top-K baked into the graph; requests ask for k ≤ this
 PARITY_ATOL = 1e-4
 TIE_ATOL = 1e-5
 GATE_METRICS = ("hr@10", "gauc")
-# The gate is a group-sequential paired test: it looks after every GATE_LOOK holdout requests (the
-# newest first) and stops as soon as the decision is settled. Consecutive snapshots rank most
+# The gate is a group-sequential paired test: it looks after every GATE_LOOK holdout requests (those
+# the serving snapshot scored in its own gate first, then the newest) and stops as soon as the
+# decision is settled. Consecutive snapshots rank most
 # requests the same, so one look usually settles it: a quarter of the scoring of a fixed 512-request
 # holdout, the largest part of a snapshot's time (measured: 2.8 of 3.6 s). z = 2.36 at every look is
 # Pocock's boundary for 4 looks at an overall two-sided α of 0.05.
@@ -296,20 +297,23 @@ class _ServingScorer:
 
 
 def _sequential_gate(ranker: OnnxRanker, samples, serving: _ServingScorer, tolerance: float):
-    """Score candidate and serving on the newest GATE_LOOK holdout requests, then on more, until
-    the gate is settled or the holdout is used up. Returns (ok, notes, candidate, serving)."""
-    newest_first = list(reversed(samples))
+    """Score candidate and serving on GATE_LOOK holdout requests, then on more, until the gate is
+    settled or the holdout is used up. Requests the serving snapshot has scored already (in its own
+    gate) come first, then the newest: one look then costs only the candidate's scoring.
+    Returns (ok, notes, candidate, serving)."""
+    order = list(reversed(samples))
+    order.sort(key=lambda x: str(x.get("sample_id", "")) not in serving.known)  # stable
     cand_known: dict[str, tuple] = {}
     cand_scored = 0
-    for m in range(GATE_LOOK, len(newest_first) + GATE_LOOK, GATE_LOOK):
-        part = newest_first[:m]
+    for m in range(GATE_LOOK, len(order) + GATE_LOOK, GATE_LOOK):
+        part = order[:m]
         cand = holdout_metrics(ranker, part, known=cand_known)
         cand_known.update(cand["by_sample"])
         cand_scored += cand["scored"]
         cand["scored"] = cand_scored
         cur = serving.metrics(part)
         ok, settled, notes = gate(cand, cur, tolerance)
-        if settled or m >= len(newest_first):
+        if settled or m >= len(order):
             return ok, notes + [f"looks: {m // GATE_LOOK} ({len(part)} of {len(samples)} requests)"], cand, cur
     return True, ["empty holdout"], {}, None
 

@@ -53,7 +53,7 @@ class OnlineLearner:
 
     def __init__(self, cfg: OneRankerConfig, device: str | torch.device = "cpu", seed: int = 0,
                  min_capacity: int = 1024, max_users: int | None = None, centroid_every: int = 100,
-                 recent_ids: int = 200_000, recent_samples: int = 256, lr_warmup: int = 100,
+                 recent_ids: int = 200_000, recent_samples: int = 512, lr_warmup: int = 100,
                  lr_floor: float = 0.25, group: bool = True):
         self.dev = resolve_device(device) if isinstance(device, str) else device
         torch.manual_seed(seed)
