@@ -37,7 +37,7 @@ def train_cmd(
     max_samples: Optional[int] = typer.Option(None, help="Exit after learning this many samples."),
     exit_when_idle_s: Optional[float] = typer.Option(None, help="Exit after this many seconds without records."),
     threads: int = typer.Option(1, help="torch CPU threads."),
-    centroid_every_steps: int = typer.Option(100, help="Refresh the fake-item centroids every N steps."),
+    centroid_every_steps: int = typer.Option(1, help="Move the fake-item centroids (a damped Lloyd step) every N steps."),
     min_capacity: int = typer.Option(1024, help="Initial rows of the item/user tables (they grow ×2)."),
     max_users: Optional[int] = typer.Option(None, help="Admission limit for users (beyond: the OOV row)."),
     seed: int = typer.Option(0, help="Seed of a fresh start."),

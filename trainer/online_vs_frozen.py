@@ -32,7 +32,8 @@ def online_vs_frozen(dataset: str = "movielens-100k", limit: int | None = 25000,
     torch.set_num_threads(threads)
     samples, info = load_samples(dataset, limit=limit, seed=seed, speed=1.0, start_ms=1_700_000_000_000)
     span_days = info["replay_span_s"] / 86400.0
-    lr = OnlineLearner(make_preset(preset, **({"dropout": 0.0} | overrides)), device=device, seed=seed)
+    lr_kw = {k: overrides.pop(k) for k in ("centroid_every", "centroid_rate", "centroid_iters") if k in overrides}
+    lr = OnlineLearner(make_preset(preset, **({"dropout": 0.0} | overrides)), device=device, seed=seed, **lr_kw)
     n = len(samples)
     cut = int(n * split) // batch_size * batch_size
     head, online_tail, frozen_tail = [], [], []

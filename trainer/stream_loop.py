@@ -61,7 +61,7 @@ class TrainerOptions:
     exit_when_idle_s: float | None = None
     min_capacity: int = 1024
     max_users: int | None = None
-    centroid_every: int = 100
+    centroid_every: int = 1  # damped (trainer/learner.py refresh_centroids)
     threads: int | None = 1  # measured: 2 threads on the shared 2-core box ran 12x slower than 1
     seed: int = 0
     overrides: dict = field(default_factory=dict)
