@@ -87,7 +87,7 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
     groups = clip_groups(model)
     model.train()
     for ep in range(epochs):
-        if isinstance(model, OneRanker):
+        if isinstance(model, OneRanker) and (ep == 0 or not cfg.centroid_every):
             model.refresh_centroids(seed=seed + ep)
         perm = rng.permutation(len(chunks))
         parts_sum = {}
@@ -108,6 +108,8 @@ def train(model, chunks, cfg, epochs: int, dev: torch.device, seed: int, log_q: 
                 else:
                     loss, parts = model.loss(batch, log_q, gen)
             clipped_step(loss, opt, sched, groups, cfg.clip_norm)
+            if isinstance(model, OneRanker) and cfg.centroid_every and (s + 1) % cfg.centroid_every == 0:
+                model.refresh_centroids(seed=seed + ep, iters=1, rate=cfg.centroid_rate)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / steps_per_epoch
             if task is not None:

@@ -144,16 +144,8 @@ class OnlineLearner:
             self.model.step2.refresh_centroids(table, seed=self.seed)
             self._centroids_ready = True
             return
-        x = table[2:].float()
-        c0 = self.model.step2.centroids[:k].float().clone()
-        c = c0
-        for _ in range(self.centroid_iters if iters is None else iters):
-            assign = torch.cdist(x, c).argmin(1)
-            tot = torch.zeros_like(c).index_add_(0, assign, x)
-            cnt = torch.bincount(assign, minlength=k).unsqueeze(1).float()
-            c = torch.where(cnt > 0, tot / cnt.clamp(min=1), c)
-        c = c0 + self.centroid_rate * (c - c0)  # damped: the fake item tokens move, never jump
-        self.model.step2.centroids[:k] = c.to(self.model.step2.centroids)
+        self.model.step2.refresh_centroids(table, seed=self.seed, rate=self.centroid_rate,
+                                           iters=self.centroid_iters if iters is None else iters)
 
     # -- one micro-batch -----------------------------------------------------------------
     def _row_cost(self, samples: Sequence[Sample]) -> float:

@@ -70,6 +70,11 @@ class OneRankerConfig:
     # click counts made it slightly worse (prequential AUC 0.665 vs 0.674, 3 seeds).
     popularity_feature: bool = False
     train_positions: int = 0  # Step-2/3 positions per sequence per step (0 = all requests)
+    # Fake-item centroids in the offline harness: 0 = one full warm-started k-means refresh per
+    # epoch; N = a damped Lloyd step (``centroid_rate`` of the way) every N optimizer steps, as the
+    # online trainer does (trainer/learner.py).
+    centroid_every: int = 0
+    centroid_rate: float = 0.05
     # Step-1 next-item loss: H1 at each query position scores the next target by dot product with
     # the item table (dense, cheap supervision of the backbone, as SASRec/HSTU train), this weight
     # next to L_MTP. 0 = off.

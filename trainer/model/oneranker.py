@@ -61,8 +61,8 @@ class OneRanker(nn.Module):
         self.item_log_bid.copy_(torch.log(bids.clamp(min=1e-6)).to(self.item_log_bid))
 
     @torch.no_grad()
-    def refresh_centroids(self, seed: int = 0) -> None:
-        self.step2.refresh_centroids(self.item_table.detach(), seed=seed)
+    def refresh_centroids(self, seed: int = 0, iters: int = 10, rate: float = 1.0) -> None:
+        self.step2.refresh_centroids(self.item_table.detach(), seed=seed, iters=iters, rate=rate)
 
     def encode(self, user, items, actions, times, pos, device):
         """→ memory parts (context token [B,P,1,d], H1 [B,1,S,d]) and their masks

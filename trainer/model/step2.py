@@ -77,13 +77,20 @@ class Step2(nn.Module):
         return self.centroids[: self.n_fake]
 
     @torch.no_grad()
-    def refresh_centroids(self, item_table: torch.Tensor, seed: int = 0) -> None:
-        """k-means over the item embedding table (rows ≥ 2: no padding/OOV) → centroids; warm-started
-        from the current centroids after the first refresh."""
-        if self.n_fake:
-            cur = self.centroids[: self.n_fake]
-            init = cur if bool(cur.abs().sum() > 0) else None
-            self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed, init=init).to(self.centroids)
+    def refresh_centroids(self, item_table: torch.Tensor, seed: int = 0, iters: int = 10,
+                          rate: float = 1.0) -> None:
+        """k-means over the item embedding table (rows ≥ 2: no padding/OOV) → centroids. The first
+        time a full 10-iteration clustering; afterwards ``iters`` Lloyd iterations warm-started from
+        the current centroids, of which only the fraction ``rate`` is taken (damped: the fake item
+        tokens move with the table instead of jumping, which Step 2's weights for them cannot follow)."""
+        if not self.n_fake:
+            return
+        cur = self.centroids[: self.n_fake]
+        if not bool(cur.abs().sum() > 0):
+            self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed).to(self.centroids)
+            return
+        new = kmeans(item_table[2:], self.n_fake, iters=iters, seed=seed, init=cur).to(self.centroids)
+        self.centroids[: self.n_fake] = cur + rate * (new - cur)
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor):
         """mem/mem_mask: parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d], state [B,P,1,d])."""
