@@ -232,7 +232,13 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
     cfg = model.cfg
     for j, (B, L) in enumerate([(3, cfg.max_len), (1, max(2, cfg.max_len // 3))][:n_random]):
         args = serving_inputs(cfg, B, L, torch.Generator().manual_seed(100 + j))
-        batches.append(dict(zip(ranker.input_names, (a.numpy() for a in args))))
+        feeds = dict(zip(ranker.input_names, (a.numpy() for a in args)))
+        # eligible only where serving can ask: the padded rows of the bucketed table (zeros, no id
+        # maps to them) all score the same, and while the trained items still score below that
+        # tie (the first checkpoints) each side's top-n picked a different subset of it
+        if "eligible" in feeds:
+            feeds["eligible"] = feeds["eligible"] & ranker._default_mask(B)
+        batches.append(feeds)
     max_diff, mismatches, n = 0.0, 0, 0
     for feeds in batches:
         with torch.no_grad():
@@ -508,16 +514,23 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
                 continue
             if step <= done:
                 break
+            # wait: checkpoint written → picked up here; read: read, verify and unpickle it
+            waited = max(0.0, time.time() - float(read_manifest(pt).get("created", time.time())))
+            t0 = time.perf_counter()
             try:
                 ckpt = load(pt)
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 continue
+            read_s = time.perf_counter() - t0
             try:
                 result = export_checkpoint(ckpt, store, **kw)
             except Exception as exc:  # noqa: BLE001 - keep watching; this checkpoint is skipped
                 log.exception("export of checkpoint %d failed", step)
                 result = ExportResult("error", step, report={"error": f"{exc.__class__.__name__}: {exc}"})
+            if "phases_s" in result.report:
+                result.report["phases_s"] = {"wait": round(waited, 3), "read": round(read_s, 3),
+                                             **result.report["phases_s"]}
             done = step
             if on_result:
                 on_result(result)
