@@ -237,7 +237,7 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
         # maps to them) all score the same, and while the trained items still score below that
         # tie (the first checkpoints) each side's top-n picked a different subset of it
         if "eligible" in feeds:
-            feeds["eligible"] = feeds["eligible"] & ranker._default_mask(B)
+            feeds["eligible"] = feeds["eligible"] & ranker.default_mask(B)
         batches.append(feeds)
     max_diff, mismatches, n = 0.0, 0, 0
     for feeds in batches:
@@ -509,13 +509,14 @@ def watch(ckpt_dir: Path, store: SnapshotStore, stop: threading.Event, interval_
         before = done
         for pt in reversed(pts):
             try:
-                step = int(read_manifest(pt)["step"])
+                manifest = read_manifest(pt)
+                step = int(manifest["step"])
             except (OSError, ValueError, KeyError):
                 continue
             if step <= done:
                 break
             # wait: checkpoint written → picked up here; read: read, verify and unpickle it
-            waited = max(0.0, time.time() - float(read_manifest(pt).get("created", time.time())))
+            waited = max(0.0, time.time() - float(manifest.get("created", time.time())))
             t0 = time.perf_counter()
             try:
                 ckpt = load(pt)

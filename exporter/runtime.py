@@ -83,7 +83,7 @@ class OnnxRanker:
         self.input_names = names
         self._all_ads: dict[int, np.ndarray] = {}  # the all-ads eligibility mask by batch size
 
-    def _default_mask(self, B: int) -> np.ndarray:
+    def default_mask(self, B: int) -> np.ndarray:
         """Eligibility = every mapped ad (read-only, built once per batch size)."""
         mask = self._all_ads.get(B)
         if mask is None:
@@ -108,9 +108,9 @@ class OnnxRanker:
         # online trainer converts the same way): time gaps must be in the unit it learned
         items, actions, times = collate_histories(hist, self.max_len, time_unit_s=MS_PER_S)
         if eligible is None or all(c is None for c in eligible):
-            mask = self._default_mask(B)
+            mask = self.default_mask(B)
         else:
-            mask = self._default_mask(B).copy()
+            mask = self.default_mask(B).copy()
             for b, cands in enumerate(eligible):
                 if cands is not None:
                     mask[b] = False
