@@ -41,7 +41,7 @@ def medians(runs: list[dict]) -> dict:
            "overlap@10": med([(r.get("diversity") or {}).get("mean_overlap@10") for r in runs]),
            "stages_p50_s": {s: med([((f.get("stages") or {}).get(s) or {}).get("p50_s") for f in fr])
                             for s in STAGES}}
-    order = ("load", "export", "session", "parity", "gate", "publish")  # exporter/export.py's phases
+    order = ("wait", "read", "load", "export", "session", "parity", "gate", "publish")  # exporter/export.py's phases
     phases = sorted({k for r in runs for k in ((r.get("exports") or {}).get("phases_p50_s") or {})},
                     key=lambda k: (order.index(k) if k in order else len(order), k))
     out["export_phases_p50_s"] = {k: med([((r.get("exports") or {}).get("phases_p50_s") or {}).get(k)
