@@ -90,7 +90,8 @@ class Step2(nn.Module):
             self.centroids[: self.n_fake] = kmeans(item_table[2:], self.n_fake, seed=seed).to(self.centroids)
             return
         new = kmeans(item_table[2:], self.n_fake, iters=iters, seed=seed, init=cur).to(self.centroids)
-        self.centroids[: self.n_fake] = cur + rate * (new - cur)
+        # rate 1 stores the k-means result itself (cur + 1·(new − cur) can differ in the last bit)
+        self.centroids[: self.n_fake] = new if rate == 1 else cur + rate * (new - cur)
 
     def forward(self, mem: torch.Tensor, mem_mask: torch.Tensor):
         """mem/mem_mask: parts from OneRanker.encode (context [B,P,1,d], H1 [B,1,S,d], state [B,P,1,d])."""
