@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+import orjson
+
 from exporter.runtime import OnnxRanker
 from exporter.store import SnapshotError, SnapshotStore
 from features.tokens import TokenSequence
@@ -346,7 +348,6 @@ from typing import Literal, Optional  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr  # noqa: E402
 # module level: the handlers' annotations are strings (PEP 563), resolved against these globals
 from starlette.requests import Request as HTTPRequest  # noqa: E402
-from starlette.responses import Response as HTTPResponse  # noqa: E402
 
 
 class RankRequest(BaseModel):
@@ -396,7 +397,10 @@ def create_app(replica: Replica):
         return JSONResponse({"error": f"internal error: {exc.__class__.__name__}"}, status_code=500)
 
     @app.post("/v1/rank")
-    def rank(req: RankRequest, request: HTTPRequest, response: HTTPResponse):
+    async def rank(req: RankRequest, request: HTTPRequest):
+        # On the event loop, not in the thread pool: the work is CPU-bound (one onnxruntime session,
+        # a local or single-key online-store read) and a replica serves one core, so a thread hop
+        # buys no parallelism and cost 0.8 ms a request (measured on this 2-core machine).
         t0 = time.perf_counter()
         active = replica.active  # read once: this request finishes on this snapshot
         if active is None:
@@ -418,21 +422,21 @@ def create_app(replica: Replica):
         timing: dict[str, float] = {}
         items = active.rank(req.user_id, seq, min(req.k, active.top_k), req.candidates,
                             DEVICE_INDEX.get(req.device or "", 0), timing=timing)
-        doc = {"user_id": req.user_id, "model_version": active.version, "replica_id": replica.replica_id,
-               "cold_start": cold, "known_user": req.user_id in active.users.index,
-               "unknown_candidates": unknown,
-               "items": [{"rank": i + 1, "ad_id": a, "score": s} for i, (a, s) in enumerate(items)]}
+        body = orjson.dumps({"user_id": req.user_id, "model_version": active.version,
+                             "replica_id": replica.replica_id, "cold_start": cold,
+                             "known_user": req.user_id in active.users.index, "unknown_candidates": unknown,
+                             "items": [{"rank": i + 1, "ad_id": a, "score": s} for i, (a, s) in enumerate(items)]})
         t_end = time.perf_counter()
         replica.metrics.latency.observe(t_end - t0)
         replica.metrics.requests.labels(replica=replica.replica_id, status="200").inc()
         # per-stage durations (ms) for `oneranker bench serve`: before the handler (receive, decode,
-        # thread dispatch), Feast read, input building, session run, everything else in the handler
+        # validation), Feast read, input building, session run, everything else in the handler
         t_in = (request.scope.get("state") or {}).get("t_in", t0)
         stages = {"pre": t0 - t_in, "feast": t_feast - t0, "encode": timing.get("encode", 0.0),
                   "run": timing.get("run", 0.0)}
         stages["post"] = max(0.0, t_end - t_feast - stages["encode"] - stages["run"])
-        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in stages.items())
-        return doc
+        timing_header = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in stages.items())
+        return Response(body, media_type="application/json", headers={"Server-Timing": timing_header})
 
     @app.get("/healthz")
     def healthz():

@@ -90,6 +90,23 @@ def test_step3_score_ignores_other_candidates():
     assert torch.allclose(s1[:, :1], s3, atol=1e-6)
 
 
+def test_star_self_attention_equals_the_dense_step3_mask():
+    """Step 3's O(C) self-attention gives what the dense [1+C, 1+C] step3_mask gives, hub included,
+    and a change to one candidate moves only that candidate and nothing else's output."""
+    from trainer.model.attention import MultiHeadAttention
+    from trainer.model.ranker import step3_mask
+
+    torch.manual_seed(0)
+    att = MultiHeadAttention(32, 4).eval()
+    x = torch.randn(3, 2, 1 + 9, 32)
+    star = att.star(x)
+    assert torch.allclose(star, att(x, x, step3_mask(9)), atol=1e-6)
+    y = x.clone()
+    y[..., 5, :] += 1.0
+    moved = (att.star(y) - star).abs().amax(dim=(0, 1, 3)) > 1e-6
+    assert moved.tolist() == [i == 5 for i in range(10)]
+
+
 @pytest.mark.parametrize("kv", [True, False])
 def test_step2_outputs_pass_through_to_step3(kv):
     m = model(kv_passthrough=kv)

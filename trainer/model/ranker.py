@@ -54,9 +54,8 @@ class Ranker(nn.Module):
         if state is not None:
             tr = tr + self.state_in(state).unsqueeze(2)
         x = torch.cat([tr, c], dim=2)  # [B,P,1+C,d]
-        mask = step3_mask(C).to(cand.device)
-        for layer in self.layers:
-            x = layer(x, mem, mem_mask, mask)
+        for layer in self.layers:  # self-attention in step3_mask's star pattern, in O(C)
+            x = layer(x, mem, mem_mask, "star")
         x = self.ln_f(x)
         tr, xc = x[:, :, :1].expand(B, P, C, d), x[:, :, 1:]
         out = self.head(torch.cat([xc, tr, xc * cand], dim=-1))  # [B,P,C,3]
