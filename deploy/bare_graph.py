@@ -97,12 +97,18 @@ class BareGraph(nn.Module):
         return torch.gather(ids, 1, top.indices), top.values
 
 
-def export_bare(cfg, n_items: int, k: int, path: Path) -> Path:
+def export_bare(cfg, n_items: int, k: int, path: Path, corpus_bits: int = 32) -> Path:
+    """The bare graph at ``path``; ``corpus_bits`` 8: its corpus scan quantised as the served
+    snapshot's is (exporter.quantize), so served/bare compares like with like."""
     model = BareGraph(cfg, n_items, k).eval()
     items = torch.randint(2, n_items, (1, cfg.max_len))
     with torch.no_grad():
         torch.onnx.export(model, (items,), str(path), input_names=["items"], output_names=["ids", "scores"],
                           dynamo=False)
+    if corpus_bits == 8:
+        from exporter.quantize import quantize_corpus
+
+        quantize_corpus(path)
     return path
 
 

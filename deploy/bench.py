@@ -141,7 +141,7 @@ def _start_replica(name: str, store, port: int, tmp: Path, threads: int | None, 
 
 
 def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | None = None,
-              repeats: int = 3, swaps: int = 3) -> list[dict]:
+              repeats: int = 3, swaps: int = 3, corpus_bits: int | None = None) -> list[dict]:
     import logging
 
     import httpx
@@ -161,15 +161,16 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                 tmp = Path(tmp)
                 model = make_model(preset_name, num_items=n_items + 2, num_users=1002)
                 store = SnapshotStore(str(tmp / "store"))
-                doc = publish_model(store, model, 1, tmp)
+                doc = publish_model(store, model, 1, tmp, corpus_bits=corpus_bits)
                 export_s = doc["export_s"]
+                bits = doc["model"]["corpus_bits"]
                 model_bytes = sum(f["size"] for n, f in doc["files"].items() if n.startswith("model.onnx"))
                 users = make_users(1002, n_items + 2, model.cfg.max_len, 1000, seed=1)
                 (tmp / "users.json").write_text(json.dumps({u: q.to_dict() for u, q in users.items()}))
                 ids = list(users)
                 # the bare reference graph (same steps and sizes, nothing else), same process and threads
-                bare = time_bare(export_bare(model.cfg, n_items + 2, doc["model"]["top_k"], tmp / "bare.onnx"),
-                                 model.cfg.max_len, n_items + 2, threads)
+                bare = time_bare(export_bare(model.cfg, n_items + 2, doc["model"]["top_k"], tmp / "bare.onnx",
+                                             corpus_bits=bits), model.cfg.max_len, n_items + 2, threads)
                 # the model alone (one onnxruntime session, batch 1, same process): encode and run
                 snap_dir, _ = _fetch(store, tmp / "direct")
                 ranker = OnnxRanker(snap_dir, threads=threads, want_cuda=False)
@@ -223,7 +224,8 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                     swap = {k: float(np.median([d[k] for d in swap_docs])) for k in ("s", "fetch_s", "build_s", "warm_s")}
                     httpx.post(f"{urls[1]}/admin/reload", timeout=120,
                                headers={"Authorization": f"Bearer {token}"}).raise_for_status()
-                    base = {"preset": preset_name, "corpus": n_items, "export_s": round(export_s, 1),
+                    base = {"preset": preset_name, "corpus": n_items, "corpus_bits": bits,
+                            "export_s": round(export_s, 1),
                             "process_ready_s": round(ready_s, 1), "swap_s": swap["s"], "swap_stages_s": swap,
                             "model_bytes": model_bytes, "threads": threads,
                             "model_only_p50_ms": float(np.percentile(run, 50)) * 1000,
@@ -261,14 +263,15 @@ def print_table(results: list[dict]) -> None:
                     "of repeated runs; c=1 on one replica, c=8 over two; bare = the same steps and sizes "
                     "alone in onnxruntime, batch 1; model = the snapshot's session alone; swap = "
                     "download+verify+session+warm-up)")
-    for col in ("preset", "corpus", "conc", "p50 ms", "p99 ms", "req/s", "×c1", "errors", "bare p50/p99",
+    for col in ("preset", "corpus", "bits", "conc", "p50 ms", "p99 ms", "req/s", "×c1", "errors", "bare p50/p99",
                 "served/bare p50", "p99", "model p50", "run/encode/feast/pre/post/http p50", "swap s", "load"):
         t.add_column(col, justify="right")
     for r in results:
         st = r.get("stages_p50_ms") or {}
         stages = "/".join(f"{st.get(k, float('nan')):.1f}" for k in ("run", "encode", "feast", "pre", "post",
                                                                       "http_client"))
-        t.add_row(r["preset"], f"{r['corpus']:,}", f"{r['concurrency']}×{r.get('replicas', 1)}",
+        t.add_row(r["preset"], f"{r['corpus']:,}", str(r.get("corpus_bits", 32)),
+                  f"{r['concurrency']}×{r.get('replicas', 1)}",
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}", f"{r.get('rps_over_c1', 1):.2f}",
                   str(r["errors"]), f"{r['bare_p50_ms']:.1f}/{r['bare_p99_ms']:.1f}",
                   f"{r['served_over_bare_p50']:.2f}", f"{r['served_over_bare_p99']:.2f}",

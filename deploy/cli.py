@@ -61,6 +61,9 @@ def bench_serve_cmd(
     threads: Optional[int] = typer.Option(1, "--threads", help="onnxruntime intra-op threads per replica "
                                           "(and for the bare graph; 0 = all cores)."),
     repeats: int = typer.Option(3, "--repeats", help="Load runs per concurrency level (medians reported)."),
+    corpus_bits: Optional[int] = typer.Option(
+        None, "--corpus-bits", help="The snapshots' corpus scan: 8 (int8 + exact shortlist rescoring) or 32 "
+        "(fp32); the bare graph's scan gets the same (default: the exporter's, 8 from 65,536 rows)."),
 ) -> None:
     """p50/p95/p99 latency and requests/s over HTTP at concurrency 1 (one replica) and 8 (two
     replicas), per preset and corpus size (untrained weights), with the served path's stages, the
@@ -77,7 +80,7 @@ def bench_serve_cmd(
     started = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg(),
                "cpus": os.cpu_count()}
     results = run_bench([p.strip() for p in presets.split(",")], sizes, n, threads=threads or None,
-                        repeats=repeats)
+                        repeats=repeats, corpus_bits=corpus_bits)
     print_table(results)
     for r in results:
         r["run_started"] = started

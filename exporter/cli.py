@@ -105,6 +105,9 @@ def export_cmd(
     min_item_rows: Optional[int] = typer.Option(
         None, "--min-item-rows", help="Pad the exported item table to at least this many rows, so the "
         "traced graph is re-used while the ids fill it (default: the ad catalog's size, if there is one)."),
+    corpus_bits: Optional[int] = typer.Option(
+        None, "--corpus-bits", envvar="ONERANKER_CORPUS_BITS", help="8: the whole-corpus scan reads an int8 "
+        "table and the graph rescores each head's shortlist exactly; 32: fp32 (default: 8 from 65,536 item rows)."),
 ) -> None:
     """Export the newest checkpoint to ONNX, verify it (checker, parity, quality gate) and publish
     it as a snapshot; announce it on oneranker.snapshots."""
@@ -127,7 +130,7 @@ def export_cmd(
     if min_item_rows is None:
         min_item_rows = _catalog_rows()
     kw = dict(gate_tolerance=gate_tolerance, holdout_file=holdout, keep=keep, announce=ann, force=force,
-              min_item_rows=min_item_rows)
+              min_item_rows=min_item_rows, corpus_bits=corpus_bits)
     results = []
 
     def done(result):

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_K = 100  # top-K baked into the graph; requests ask for k ≤ this
 PARITY_ATOL = 1e-4
+QUANTIZE_FROM_ROWS = 65_536  # item rows from which the corpus scan is int8 (corpus_bits_for)
+SHORTLIST_PER_HEAD = 2  # an int8 scan keeps 2 x retrieve_n per head for exact rescoring
 TIE_ATOL = 1e-5
 GATE_METRICS = ("hr@10", "gauc")
 # The gate is a group-sequential paired test: it looks after every GATE_LOOK holdout requests (those
@@ -58,19 +60,35 @@ class ExportResult:
 
 # --- building the snapshot files -----------------------------------------------------------
 
-def export_graph(model, out_dir: Path, k: int | None = None) -> dict:
+def corpus_bits_for(cfg, corpus_bits: int | None = None) -> int:
+    """32 (fp32 corpus scan) or 8 (int8, exporter.quantize); None = 8 from QUANTIZE_FROM_ROWS
+    item rows, where the scan decides latency, fp32 below, where it is under a millisecond."""
+    if corpus_bits is None:
+        return 8 if cfg.num_items >= QUANTIZE_FROM_ROWS else 32
+    if corpus_bits not in (8, 32):
+        raise ValueError(f"corpus_bits must be 8 or 32, not {corpus_bits}")
+    return corpus_bits
+
+
+def export_graph(model, out_dir: Path, k: int | None = None, corpus_bits: int | None = None) -> dict:
     """Export the serving graph to ``out_dir/model.onnx`` (dynamo, dynamic batch and history), run
-    the ONNX checker and assert the exported dims are dynamic. Returns a description."""
+    the ONNX checker and assert the exported dims are dynamic. Returns a description.
+    ``corpus_bits`` 8: the corpus scan reads an int8 table and the graph rescores a shortlist of
+    SHORTLIST_PER_HEAD × retrieve_n per head exactly (``corpus_bits_for``)."""
     import onnx
 
     from exporter.graph_cache import GRAPHS
+    from exporter.quantize import quantize_corpus
 
     cfg = model.cfg
     n_heads = cfg.n_tasks
     k = min(k or EXPORT_K, n_heads * min(cfg.retrieve_n, cfg.num_items))
+    bits = corpus_bits_for(cfg, corpus_bits)
+    shortlist = SHORTLIST_PER_HEAD * cfg.retrieve_n if bits == 8 else 0
     path = out_dir / "model.onnx"
     t0 = time.perf_counter()
-    how = GRAPHS.export(model, str(path), k)  # traced, or the last trace with new weights
+    how = GRAPHS.export(model, str(path), k, shortlist)  # traced, or the last trace with new weights
+    quantized = quantize_corpus(path, bits) if bits == 8 else None
     export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(path))  # by path: also works with an external-data side file
     proto = onnx.load(str(path), load_external_data=False)
@@ -84,7 +102,8 @@ def export_graph(model, out_dir: Path, k: int | None = None) -> dict:
     for name in list(inputs)[1:4]:
         if not isinstance(inputs[name][1], str):
             raise ValueError(f"exported input {name} has a fixed history dimension {inputs[name]}")
-    return {"k": k, "inputs": inputs, "export_s": round(export_s, 2), "graph": how,
+    return {"k": k, "inputs": inputs, "export_s": round(export_s, 2), "graph": how, "corpus_bits": bits,
+            "shortlist": shortlist, "quantized": quantized,
             "files": sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model.onnx"))}
 
 
@@ -96,7 +115,8 @@ def write_id_maps(ckpt, out_dir: Path) -> None:
 def model_manifest(model, graph: dict) -> dict:
     cfg = model.cfg
     return {"max_len": cfg.max_len, "num_items": cfg.num_items, "num_users": cfg.num_users,
-            "top_k": graph["k"], "inputs": graph["inputs"], "config": cfg.to_dict()}
+            "top_k": graph["k"], "inputs": graph["inputs"], "corpus_bits": graph.get("corpus_bits", 32),
+            "shortlist": graph.get("shortlist", 0), "config": cfg.to_dict()}
 
 
 # --- holdout -------------------------------------------------------------------------------
@@ -368,7 +388,8 @@ def untrained(ckpt) -> bool:
 
 
 def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_file: Path | None = None,
-          threads: int | None = VALIDATION_THREADS, force: bool = False, min_item_rows: int = 0) -> Staged:
+          threads: int | None = VALIDATION_THREADS, force: bool = False, min_item_rows: int = 0,
+          corpus_bits: int | None = None) -> Staged:
     """Export ``ckpt`` and run the checker, parity and the quality gate against what is serving.
 
     An untrained checkpoint (the trainer writes one when it starts fresh) is never published: it
@@ -377,7 +398,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     if untrained(ckpt) and not force:
         model = _serving_model(ckpt, min_item_rows)
         with tempfile.TemporaryDirectory(prefix="oneranker-warm-") as tmp:
-            graph = export_graph(model, Path(tmp))
+            graph = export_graph(model, Path(tmp), corpus_bits=corpus_bits)
         return Staged(ExportResult("warmed", ckpt.step, report={"export": graph}))
 
     cur = store.current()
@@ -398,7 +419,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     snap = work / "snapshot"
     snap.mkdir()
     try:
-        graph = export_graph(model, snap)
+        graph = export_graph(model, snap, corpus_bits=corpus_bits)
     except Exception as exc:  # noqa: BLE001 - checker/export failures refuse the snapshot
         log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
         tmp.cleanup()
@@ -472,10 +493,10 @@ def publish(staged: Staged, store: SnapshotStore, *, keep: int = 5, promote: boo
 def export_checkpoint(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02,
                       holdout_file: Path | None = None, keep: int = 5, promote: bool = True,
                       announce: Callable[[dict], None] | None = None, threads: int | None = VALIDATION_THREADS,
-                      force: bool = False, min_item_rows: int = 0) -> ExportResult:
+                      force: bool = False, min_item_rows: int = 0, corpus_bits: int | None = None) -> ExportResult:
     """Export ``ckpt`` and publish it when it passes every check."""
     staged = stage(ckpt, store, gate_tolerance=gate_tolerance, holdout_file=holdout_file,
-                   threads=threads, force=force, min_item_rows=min_item_rows)
+                   threads=threads, force=force, min_item_rows=min_item_rows, corpus_bits=corpus_bits)
     return publish(staged, store, keep=keep, promote=promote, announce=announce)
 
 

@@ -61,21 +61,21 @@ def with_bucketed_tables(model, min_items: int = 1024, min_users: int = 1024):
     return padded.eval()
 
 
-def signature(model, k: int) -> str:
+def signature(model, k: int, shortlist: int = 0) -> str:
     """What the traced graph depends on besides weight values."""
     shapes = {name: [list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()}
-    doc = {"config": model.cfg.to_dict(), "state": shapes, "k": k}
+    doc = {"config": model.cfg.to_dict(), "state": shapes, "k": k, "shortlist": shortlist}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def trace(model, k: int):
+def trace(model, k: int, shortlist: int = 0):
     """Export the serving graph (dynamic batch and history, examples ≥ 2 in every dynamic dim) to an
     un-optimised ONNX ModelProto whose initializers carry the state_dict names."""
     from trainer.infer import ServingGraph, dynamic_shapes, serving_inputs
 
     cfg = model.cfg
     args = serving_inputs(cfg, 2, cfg.max_len, torch.Generator().manual_seed(0))
-    graph = ServingGraph(model.eval(), k).eval()
+    graph = ServingGraph(model.eval(), k, shortlist).eval()
     program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
                                 external_data=False, optimize=False)
     return program.model_proto
@@ -101,16 +101,16 @@ class GraphCache:
         self.traces = 0
         self.reuses = 0
 
-    def export(self, model, path: str, k: int) -> str:
+    def export(self, model, path: str, k: int, shortlist: int = 0) -> str:
         """Write the serving graph of ``model`` to ``path``; returns "traced" or "reused"."""
         import onnx
         from onnx import numpy_helper
 
-        sig = signature(model, k)
+        sig = signature(model, k, shortlist)
         with self._lock:
             template = self._template if sig == self._signature else None
         if template is None:
-            proto = trace(model, k)
+            proto = trace(model, k, shortlist)
             with self._lock:
                 self._signature, self._template = sig, proto
                 self.traces += 1
@@ -130,7 +130,7 @@ class GraphCache:
             log.warning("graph template covers %d of %d weights; tracing again", replaced, len(state))
             with self._lock:
                 self._signature = None
-            return self.export(model, path, k)
+            return self.export(model, path, k, shortlist)
         onnx.save_model(proto, path)
         with self._lock:
             self.reuses += 1

@@ -100,14 +100,15 @@ def save_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def publish_model(store, model, step: int, workdir: Path, set_current: bool = True) -> dict:
+def publish_model(store, model, step: int, workdir: Path, set_current: bool = True,
+                  corpus_bits: int | None = None) -> dict:
     """Export ``model`` and publish it WITHOUT parity or quality gate (benchmarks and tests that
     need a real snapshot fast; the exporter itself always runs the checks)."""
     from exporter.export import export_graph, model_manifest, write_id_maps
 
     snap = Path(workdir) / f"snap-{step}"
     snap.mkdir(parents=True)
-    graph = export_graph(model, snap)
+    graph = export_graph(model, snap, corpus_bits=corpus_bits)
     write_id_maps(make_checkpoint(model, step), snap)
     doc = store.publish(snap, {"checkpoint_step": step, "model": model_manifest(model, graph),
                                "export_s": graph["export_s"]})

@@ -17,7 +17,7 @@ NEG = -1e9
 
 
 def rank_topk(model, user, items, actions, times, device, eligible=None, k: int | None = None,
-              return_all: bool = False, seen=None, seen_ids=None, corpus_t=None):
+              return_all: bool = False, seen=None, seen_ids=None, corpus_t=None, shortlist: int = 0):
     """user [B], items/actions [B,L] (left-padded), times [B,L] float, device [B] (context),
     eligible [B, num_items] bool or None → (top-K ids [B,K], scores [B,K]).
     ``seen`` [B, num_items] bool or None: the items of the user's longer history (the feature
@@ -25,6 +25,11 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     with it. ``seen_ids`` [B, H] int64 (0-padded) is the same as an index list (serving: no
     corpus-sized input per request). ``corpus_t`` [d+k, num_items]: ``corpus_table(model)``
     precomputed once per snapshot (serving), else the corpus side is computed here.
+    ``shortlist`` m > retrieve_n (serving with a quantised corpus table): each head keeps the top m
+    of the corpus scan, rescores them exactly from the item table and retrieves its top-N from
+    those, and the generator score Step 3 reads is exact too; with an exact scan this is the same
+    result, with an int8 scan (exporter.quantize) it differs only when a true top-N item falls
+    outside the scan's top m.
 
     With ``return_all`` also returns the merged retrieved set and both steps' scores on it
     (for the Step-2/Step-3 consistency metrics)."""
@@ -42,15 +47,25 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     ok = ok.unsqueeze(0) if eligible is None else ok & eligible
     corpus = corpus.masked_fill(~ok.unsqueeze(1), NEG)
     n = min(cfg.retrieve_n, n_items)
-    head_scores, head_ids = corpus.topk(n, dim=-1)  # [B, T, n]
+    if shortlist > n and corpus_t is not None:
+        m = min(shortlist, n_items)
+        scan_scores, scan_ids = corpus.topk(m, dim=-1)  # [B, T, m]
+        exact = model.step2.score_own(task[:, 0], s_target[:, 0], model.item_table[scan_ids])  # [B, T, m]
+        exact = exact.masked_fill(scan_scores <= NEG / 2, NEG)
+        head_scores, j = exact.topk(n, dim=-1)  # [B, T, n]
+        head_ids = torch.gather(scan_ids, 2, j)
+    else:
+        head_scores, head_ids = corpus.topk(n, dim=-1)  # [B, T, n]
     ids = head_ids.flatten(1)  # [B, T*n]
     invalid = head_scores.flatten(1) <= NEG / 2
     M = ids.shape[1]
     same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [B, M, M]
     earlier = torch.ones(M, M, dtype=torch.bool, device=ids.device).tril(-1)
     dup = (same & earlier).any(-1)
-    # bagged generator score of each retrieved item (gathered first: no pass over the corpus)
-    gen = torch.gather(corpus, 2, ids.unsqueeze(1).expand(-1, corpus.shape[1], -1)).mean(1)
+    if shortlist > n and corpus_t is not None:  # every head's exact score of every retrieved item
+        gen = model.step2.score_each(task, s_target, model.item_table[ids].unsqueeze(1))[:, 0].mean(1)
+    else:  # bagged generator score of each retrieved item (gathered first: no pass over the corpus)
+        gen = torch.gather(corpus, 2, ids.unsqueeze(1).expand(-1, corpus.shape[1], -1)).mean(1)
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
         flag = model.seen_in_history(items, pos, ids.unsqueeze(1))
@@ -101,15 +116,16 @@ class ServingGraph(nn.Module):
     request reads one [d+k, N] table instead of normalising the item table and projecting it on the
     centroids every time; ``seen_ids`` [B, H] lists the items of the user's longer history."""
 
-    def __init__(self, model, k: int | None = None):
+    def __init__(self, model, k: int | None = None, shortlist: int = 0):
         super().__init__()
         self.model = model
         self.k = k or model.cfg.top_k
+        self.shortlist = shortlist  # > retrieve_n: the graph rescores a scan shortlist (quantised corpus)
         self.register_buffer("corpus_t", corpus_table(model))
 
     def forward(self, user, items, actions, times, device, eligible, seen_ids):
         return rank_topk(self.model, user, items, actions, times, device, eligible, self.k, seen_ids=seen_ids,
-                         corpus_t=self.corpus_t)
+                         corpus_t=self.corpus_t, shortlist=self.shortlist)
 
 
 def dynamic_shapes(max_len: int) -> tuple:

@@ -174,3 +174,36 @@ def test_first_checkpoint_with_a_tiny_vocabulary_passes_parity(tmp_path):
             assert staged.result.status == "staged", staged.result.report
         finally:
             staged.cleanup()
+
+
+def test_int8_corpus_snapshot_ranks_like_exact_scoring(tmp_path):
+    """corpus_bits=8: the corpus scan is onnxruntime's MatMulNBits over an int8 table (a quarter of
+    the fp32 bytes) and the graph rescores each head's shortlist exactly, so the snapshot passes the
+    exporter's parity against exact torch scoring and ranks probe users as the fp32 snapshot does."""
+    import onnx
+
+    from exporter.quantize import CORPUS_INPUT
+
+    model = make_model("small", num_items=3000, num_users=50, seed=1)
+    users = make_users(40, 3000, model.cfg.max_len, 30, seed=1)
+    ckpt = make_checkpoint(model, 1, recent_samples=_samples(users, 3000))
+    staged = {bits: stage(ckpt, SnapshotStore(str(tmp_path / f"store{bits}")), threads=1, corpus_bits=bits,
+                          gate_tolerance=1.0) for bits in (32, 8)}
+    try:
+        for bits, st in staged.items():
+            assert st.result.status == "staged", st.result.report
+            assert st.manifest["model"]["corpus_bits"] == bits
+        q = staged[8].manifest["model"]
+        assert q["shortlist"] == 2 * model.cfg.retrieve_n
+        proto = onnx.load(str(staged[8].dir / "model.onnx"))
+        scans = [n.op_type for n in proto.graph.node if any(i.startswith(CORPUS_INPUT) for i in n.input)]
+        assert scans == ["MatMulNBits"]
+        quantized = staged[8].result.report["export"]["quantized"]
+        assert quantized["quantized_bytes"] < 0.35 * quantized["table_bytes"]  # int8 + a scale per 32
+        assert staged[8].result.report["parity"]["topk_mismatch_rows"] == 0
+        uids = list(users)
+        exact, fast = (st.ranker.run(st.ranker.encode([users[u] for u in uids], uids))[0] for st in staged.values())
+        assert (exact[:, :20] == fast[:, :20]).all(axis=1).mean() >= 0.99
+    finally:
+        for st in staged.values():
+            st.cleanup()

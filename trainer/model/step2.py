@@ -127,6 +127,13 @@ class Step2(nn.Module):
             s = s + s_target @ self.item_side(item_vecs).T
         return s
 
+    def score_own(self, task: torch.Tensor, s_target: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """Each task its own items: task [B, T, d], s_target [B, T, k], item_vecs [B, T, m, d] → [B, T, m]."""
+        s = (item_vecs @ task.unsqueeze(-1)).squeeze(-1)
+        if self.n_fake:
+            s = s + (self.item_side(item_vecs) @ s_target.unsqueeze(-1)).squeeze(-1)
+        return s
+
     def score_each(self, task: torch.Tensor, s_target: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
         """Per-position item sets: item_vecs [B, P, N, d] → [B, P, T, N]."""
         s = task @ item_vecs.transpose(-1, -2)
