@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,12 +25,12 @@ def _free_port() -> int:
 
 
 def load(urls: list[str] | str, users: list[str], n: int, concurrency: int, k: int = 10,
-         timeout: float = 30.0) -> dict:
+         timeout: float = 30.0, stop: threading.Event | None = None) -> dict:
     """``n`` POST /v1/rank requests from ``concurrency`` bounded request loops of one asyncio client
     (loop w talks to replica w mod len(urls)); latency percentiles, rps and the replica's own
     per-stage durations (its Server-Timing header, medians). The client is aiohttp: httpx's
     AsyncClient added 0.7 ms a request on this machine (1.1 vs 0.4 ms p50 for /healthz), which a
-    latency figure would have charged to the server."""
+    latency figure would have charged to the server. ``stop``: the loops end early once it is set."""
     import asyncio
 
     import aiohttp
@@ -49,6 +51,8 @@ def load(urls: list[str] | str, users: list[str], n: int, concurrency: int, k: i
             nonlocal errors
             c = clients[w % len(clients)]
             for i in counter:  # shared: the loops stop together after n requests
+                if stop is not None and stop.is_set():
+                    break
                 timing = ""
                 t0 = time.perf_counter()
                 try:
@@ -78,7 +82,7 @@ def load(urls: list[str] | str, users: list[str], n: int, concurrency: int, k: i
     st = {name: float(np.median(v)) for name, v in stages.items()}
     if st:
         st["http_client"] = float(np.median(a)) - sum(st.values())  # outside the app: sockets, client
-    return {"concurrency": concurrency, "replicas": len(urls), "requests": n, "errors": errors,
+    return {"concurrency": concurrency, "replicas": len(urls), "requests": len(lat), "errors": errors,
             "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
             "p99_ms": float(np.percentile(a, 99)), "rps": n / wall, "stages_p50_ms": st}
 
@@ -140,8 +144,77 @@ def _start_replica(name: str, store, port: int, tmp: Path, threads: int | None, 
                             env={**os.environ, "ONERANKER_ADMIN_TOKEN": token})
 
 
+def _republish_and_reload(store, url: str, src: Path, token: str) -> dict:
+    """Publish snapshot 1's files again as a new current version and have the replica at ``url``
+    load it now; its readyz ``last_swap`` (seconds: total, fetch+verify, session build, warm-up)."""
+    import httpx
+
+    m = store.fetch(1, src)
+    (src / "manifest.json").unlink()
+    v = store.publish(src, {"checkpoint_step": 1, "model": m["model"]})["version"]
+    store.set_current(v)
+    httpx.post(f"{url}/admin/reload", timeout=300, headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+    doc = httpx.get(f"{url}/readyz", timeout=10).json()
+    if doc.get("model_version") != v:
+        raise RuntimeError(f"replica at {url} serves {doc.get('model_version')} after reloading {v}")
+    shutil.rmtree(src, ignore_errors=True)
+    return doc["last_swap"]
+
+
+def _swaps_under_load(store, urls: list[str], users: list[str], tmp: Path, token: str, swaps: int) -> dict:
+    """``swaps`` hot swaps of replica 0 while a c=1 request loop runs on it: failed requests (any
+    non-200), swap seconds (median, max) and latency during the swaps."""
+    stop = threading.Event()
+    docs: list[dict] = []
+    failure: list[BaseException] = []
+
+    def swapper():
+        try:
+            for j in range(swaps):
+                docs.append(_republish_and_reload(store, urls[0], tmp / f"swap-{j}", token))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+        finally:
+            stop.set()
+
+    t = threading.Thread(target=swapper, name="bench-swapper")
+    t.start()
+    r = load(urls[:1], users, 10**9, 1, stop=stop)
+    t.join()
+    if failure:
+        raise failure[0]
+    s = [d["s"] for d in docs]
+    return {"swaps": len(docs), "requests": r["requests"], "errors": r["errors"], "swap_s_median": float(np.median(s)),
+            "swap_s_max": float(np.max(s)), "build_s_median": float(np.median([d["build_s"] for d in docs])),
+            "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
+
+
+def exact_topk_match(model, snap_dir: Path, users: dict, ids: list[str], threads: int | None, k: int = 20) -> float:
+    """Share of probe users whose top-``k`` from the snapshot's session equals exact fp32 scoring
+    (torch ``rank_topk`` over the model's own corpus scores), in the same order; positions past
+    the last real result (score at the "not a result" floor) carry arbitrary ids and are skipped."""
+    import torch
+
+    from exporter.runtime import NEG_HALF, OnnxRanker
+    from trainer.infer import rank_topk
+
+    ranker = OnnxRanker(snap_dir, threads=threads, want_cuda=False)
+    same = 0
+    for u in ids:
+        feeds = ranker.encode([users[u]], [u], [0])
+        o_ids, o_scores = ranker.run(feeds)
+        args = (torch.from_numpy(np.array(feeds[name])) for name in ranker.input_names[:6])
+        with torch.no_grad():
+            t_ids, t_scores = rank_topk(model, *args, k=ranker.top_k, seen_ids=torch.from_numpy(feeds["seen_ids"]))
+        served = o_ids[0, :k][o_scores[0, :k] > NEG_HALF].tolist()
+        exact = t_ids.numpy()[0, :k][t_scores.numpy()[0, :k] > NEG_HALF].tolist()
+        same += served == exact
+    return same / len(ids)
+
+
 def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | None = None,
-              repeats: int = 3, swaps: int = 3, corpus_bits: int | None = None) -> list[dict]:
+              repeats: int = 3, swaps: int = 3, corpus_bits: int | None = None, probes: int = 100,
+              swaps_under_load: int = 20) -> list[dict]:
     import logging
 
     import httpx
@@ -209,22 +282,15 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                         with httpx.Client(base_url=url) as c:
                             for u in ids[:10]:
                                 c.post("/v1/rank", json={"user_id": u, "k": 10}).raise_for_status()
-                    # hot swaps of replica 0 (the same files re-published as new versions)
-                    swap_docs = []
-                    for j in range(swaps):
-                        src = tmp / f"republish-{j}"
-                        m = store.fetch(1, src)
-                        (src / "manifest.json").unlink()
-                        v = store.publish(src, {"checkpoint_step": 2 + j, "model": m["model"]})["version"]
-                        store.set_current(v)
-                        r = httpx.post(f"{urls[0]}/admin/reload", timeout=120,
-                                       headers={"Authorization": f"Bearer {token}"})
-                        r.raise_for_status()
-                        swap_docs.append(httpx.get(f"{urls[0]}/readyz", timeout=10).json()["last_swap"])
+                    # hot swaps of replica 0 (the same files re-published as new versions), idle
+                    swap_docs = [_republish_and_reload(store, urls[0], tmp / f"republish-{j}", token)
+                                 for j in range(swaps)]
                     swap = {k: float(np.median([d[k] for d in swap_docs])) for k in ("s", "fetch_s", "build_s", "warm_s")}
                     httpx.post(f"{urls[1]}/admin/reload", timeout=120,
                                headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+                    exact = exact_topk_match(model, snap_dir, users, ids[:probes], threads) if probes else None
                     base = {"preset": preset_name, "corpus": n_items, "corpus_bits": bits,
+                            "exact_top20_match": exact, "exact_probes": probes,
                             "export_s": round(export_s, 1),
                             "process_ready_s": round(ready_s, 1), "swap_s": swap["s"], "swap_stages_s": swap,
                             "model_bytes": model_bytes, "threads": threads,
@@ -235,15 +301,19 @@ def run_bench(presets: list[str], corpora: list[int], n: int, threads: int | Non
                             "bare_p50_ms": bare["p50_ms"], "bare_p99_ms": bare["p99_ms"],
                             "bare_session_ready_s": bare["session_ready_s"],
                             "providers": providers, "host": platform.node()}
-                    rps1 = None
+                    rps1, rows = None, {}
                     for conc, targets in ((1, urls[:1]), (8, urls)):
                         la0 = os.getloadavg()
                         r = _median_of([load(targets, ids, n, conc) for _ in range(repeats)])
                         rps1 = r["rps"] if conc == 1 else rps1
-                        results.append({**base, **r, "loadavg_start": la0, "loadavg_1m": os.getloadavg()[0],
-                                        "served_over_bare_p50": r["p50_ms"] / bare["p50_ms"],
-                                        "served_over_bare_p99": r["p99_ms"] / bare["p99_ms"],
-                                        "rps_over_c1": r["rps"] / rps1})
+                        rows[conc] = {**base, **r, "loadavg_start": la0, "loadavg_1m": os.getloadavg()[0],
+                                      "served_over_bare_p50": r["p50_ms"] / bare["p50_ms"],
+                                      "served_over_bare_p99": r["p99_ms"] / bare["p99_ms"],
+                                      "rps_over_c1": r["rps"] / rps1}
+                        results.append(rows[conc])
+                    if swaps_under_load:  # the c=1 row: replica 0 swaps while it serves
+                        rows[1]["swaps_under_load"] = _swaps_under_load(store, urls, ids, tmp, token,
+                                                                        swaps_under_load)
                 finally:
                     for proc in procs:
                         proc.terminate()
@@ -264,7 +334,8 @@ def print_table(results: list[dict]) -> None:
                     "alone in onnxruntime, batch 1; model = the snapshot's session alone; swap = "
                     "download+verify+session+warm-up)")
     for col in ("preset", "corpus", "bits", "conc", "p50 ms", "p99 ms", "req/s", "×c1", "errors", "bare p50/p99",
-                "served/bare p50", "p99", "model p50", "run/encode/feast/pre/post/http p50", "swap s", "load"):
+                "served/bare p50", "p99", "model p50", "run/encode/feast/pre/post/http p50", "swap s",
+                "exact top-20", "swaps under load: n/err/max s", "load"):
         t.add_column(col, justify="right")
     for r in results:
         st = r.get("stages_p50_ms") or {}
@@ -275,5 +346,8 @@ def print_table(results: list[dict]) -> None:
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['rps']:.0f}", f"{r.get('rps_over_c1', 1):.2f}",
                   str(r["errors"]), f"{r['bare_p50_ms']:.1f}/{r['bare_p99_ms']:.1f}",
                   f"{r['served_over_bare_p50']:.2f}", f"{r['served_over_bare_p99']:.2f}",
-                  f"{r['model_only_p50_ms']:.1f}", stages, f"{r['swap_s']:.2f}", f"{r['loadavg_1m']:.1f}")
+                  f"{r['model_only_p50_ms']:.1f}", stages, f"{r['swap_s']:.2f}",
+                  "" if r.get("exact_top20_match") is None else f"{r['exact_top20_match']:.2f}",
+                  f"{sw['swaps']}/{sw['errors']}/{sw['swap_s_max']:.2f}" if (sw := r.get("swaps_under_load")) else "",
+                  f"{r['loadavg_1m']:.1f}")
     Console(width=220).print(t)

@@ -64,6 +64,10 @@ def bench_serve_cmd(
     corpus_bits: Optional[int] = typer.Option(
         None, "--corpus-bits", help="The snapshots' corpus scan: 8 (int8 + exact shortlist rescoring) or 32 "
         "(fp32); the bare graph's scan gets the same (default: the exporter's, 8 from 65,536 rows)."),
+    probes: int = typer.Option(100, "--probes", help="Users whose served top-20 is compared with exact fp32 "
+                               "scoring (torch)."),
+    swaps_under_load: int = typer.Option(20, "--swaps-under-load", help="Hot swaps of replica 0 while a c=1 "
+                                         "request loop runs on it (failed requests and swap times reported)."),
 ) -> None:
     """p50/p95/p99 latency and requests/s over HTTP at concurrency 1 (one replica) and 8 (two
     replicas), per preset and corpus size (untrained weights), with the served path's stages, the
@@ -80,7 +84,8 @@ def bench_serve_cmd(
     started = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg(),
                "cpus": os.cpu_count()}
     results = run_bench([p.strip() for p in presets.split(",")], sizes, n, threads=threads or None,
-                        repeats=repeats, corpus_bits=corpus_bits)
+                        repeats=repeats, corpus_bits=corpus_bits, probes=probes,
+                        swaps_under_load=swaps_under_load)
     print_table(results)
     for r in results:
         r["run_started"] = started
