@@ -203,7 +203,9 @@ def exact_topk_match(model, snap_dir: Path, users: dict, ids: list[str], threads
     for u in ids:
         feeds = ranker.encode([users[u]], [u], [0])
         o_ids, o_scores = ranker.run(feeds)
-        args = (torch.from_numpy(np.array(feeds[name])) for name in ranker.input_names[:6])
+        eligible = ranker.eligibility_mask(feeds)
+        args = [torch.from_numpy(np.array(feeds[name])) for name in ranker.input_names[:5]]
+        args.append(torch.from_numpy(eligible))
         with torch.no_grad():
             t_ids, t_scores = rank_topk(model, *args, k=ranker.top_k, seen_ids=torch.from_numpy(feeds["seen_ids"]))
         served = o_ids[0, :k][o_scores[0, :k] > NEG_HALF].tolist()

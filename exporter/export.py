@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from exporter.graph_cache import with_bucketed_tables
-from exporter.runtime import NEG_HALF, OnnxRanker
+from exporter.runtime import INPUT_NAMES, NEG_HALF, OnnxRanker
 from exporter.store import SnapshotError, SnapshotStore
 from oneranker import config
 
@@ -70,11 +70,13 @@ def corpus_bits_for(cfg, corpus_bits: int | None = None) -> int:
     return corpus_bits
 
 
-def export_graph(model, out_dir: Path, k: int | None = None, corpus_bits: int | None = None) -> dict:
+def export_graph(model, out_dir: Path, k: int | None = None, corpus_bits: int | None = None,
+                 valid_rows: int | None = None) -> dict:
     """Export the serving graph to ``out_dir/model.onnx`` (dynamo, dynamic batch and history), run
     the ONNX checker and assert the exported dims are dynamic. Returns a description.
     ``corpus_bits`` 8: the corpus scan reads an int8 table and the graph rescores a shortlist of
-    SHORTLIST_PER_HEAD × retrieve_n per head exactly (``corpus_bits_for``)."""
+    SHORTLIST_PER_HEAD × retrieve_n per head exactly (``corpus_bits_for``). ``valid_rows``: the id
+    map's length; the rows past it (a padded table's tail) are never served."""
     import onnx
 
     from exporter.graph_cache import GRAPHS
@@ -87,7 +89,7 @@ def export_graph(model, out_dir: Path, k: int | None = None, corpus_bits: int | 
     shortlist = SHORTLIST_PER_HEAD * cfg.retrieve_n if bits == 8 else 0
     path = out_dir / "model.onnx"
     t0 = time.perf_counter()
-    how = GRAPHS.export(model, str(path), k, shortlist)  # traced, or the last trace with new weights
+    how = GRAPHS.export(model, str(path), k, shortlist, valid_rows)  # traced, or the last trace, new weights
     quantized = quantize_corpus(path, bits) if bits == 8 else None
     export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(path))  # by path: also works with an external-data side file
@@ -243,6 +245,7 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
         # the model's own corpus scores (not the snapshot's precomputed table): parity checks both
         seen_kw = {} if seen is None else ({"seen": seen} if seen.dtype == torch.bool else {"seen_ids": seen})
         return rank_topk(model, user, items, actions, times, device, eligible, ranker.top_k, **seen_kw)
+
     batches = []
     rows = _sample_inputs(samples[:16])
     if rows:
@@ -252,17 +255,19 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
     cfg = model.cfg
     for j, (B, L) in enumerate([(3, cfg.max_len), (1, max(2, cfg.max_len // 3))][:n_random]):
         args = serving_inputs(cfg, B, L, torch.Generator().manual_seed(100 + j))
-        feeds = dict(zip(ranker.input_names, (a.numpy() for a in args)))
+        feeds = dict(zip(INPUT_NAMES, (a.numpy() for a in args)))
+        if "eligible" in ranker.input_names:  # an older graph: eligibility as a mask
+            feeds["eligible"] = ranker.eligibility_mask({"candidates": feeds.pop("candidates")})
+        batches.append({name: feeds[name] for name in ranker.input_names})
+    max_diff, mismatches, n = 0.0, 0, 0
+    for feeds in batches:
         # eligible only where serving can ask: the padded rows of the bucketed table (zeros, no id
         # maps to them) all score the same, and while the trained items still score below that
         # tie (the first checkpoints) each side's top-n picked a different subset of it
-        if "eligible" in feeds:
-            feeds["eligible"] = feeds["eligible"] & ranker.default_mask(B)
-        batches.append(feeds)
-    max_diff, mismatches, n = 0.0, 0, 0
-    for feeds in batches:
+        torch_feeds = {**feeds, "eligible": ranker.eligibility_mask(feeds) & ranker.default_mask(len(feeds["user"]))}
+        names = [("eligible" if name == "candidates" else name) for name in ranker.input_names]
         with torch.no_grad():
-            t_ids, t_scores = graph(*(torch.from_numpy(np.array(feeds[name])) for name in ranker.input_names))
+            t_ids, t_scores = graph(*(torch.from_numpy(np.array(torch_feeds[name])) for name in names))
         o_ids, o_scores = ranker.run(feeds)
         t_ids, t_scores = t_ids.numpy(), t_scores.numpy()
         valid = t_scores > NEG_HALF
@@ -382,6 +387,13 @@ def _serving_model(ckpt, min_item_rows: int):
     return with_bucketed_tables(build_model(ckpt), min_items=min_item_rows)
 
 
+def _valid_rows(ckpt) -> int:
+    """The item id map's length: table rows at or past it are padding no id maps to."""
+    from trainer.data import IdMap
+
+    return len(IdMap.from_dict(ckpt.item_ids))
+
+
 def untrained(ckpt) -> bool:
     """A checkpoint the trainer wrote before learning anything (its initial state)."""
     return (ckpt.extra or {}).get("samples_learned", None) == 0
@@ -398,7 +410,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     if untrained(ckpt) and not force:
         model = _serving_model(ckpt, min_item_rows)
         with tempfile.TemporaryDirectory(prefix="oneranker-warm-") as tmp:
-            graph = export_graph(model, Path(tmp), corpus_bits=corpus_bits)
+            graph = export_graph(model, Path(tmp), corpus_bits=corpus_bits, valid_rows=_valid_rows(ckpt))
         return Staged(ExportResult("warmed", ckpt.step, report={"export": graph}))
 
     cur = store.current()
@@ -419,7 +431,7 @@ def stage(ckpt, store: SnapshotStore, *, gate_tolerance: float = 0.02, holdout_f
     snap = work / "snapshot"
     snap.mkdir()
     try:
-        graph = export_graph(model, snap, corpus_bits=corpus_bits)
+        graph = export_graph(model, snap, corpus_bits=corpus_bits, valid_rows=_valid_rows(ckpt))
     except Exception as exc:  # noqa: BLE001 - checker/export failures refuse the snapshot
         log.error("export/check failed for checkpoint %d: %s", ckpt.step, exc)
         tmp.cleanup()

@@ -68,26 +68,27 @@ def signature(model, k: int, shortlist: int = 0) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def trace(model, k: int, shortlist: int = 0):
+def trace(model, k: int, shortlist: int = 0, valid_rows: int | None = None):
     """Export the serving graph (dynamic batch and history, examples ≥ 2 in every dynamic dim) to an
     un-optimised ONNX ModelProto whose initializers carry the state_dict names."""
     from trainer.infer import ServingGraph, dynamic_shapes, serving_inputs
 
     cfg = model.cfg
     args = serving_inputs(cfg, 2, cfg.max_len, torch.Generator().manual_seed(0))
-    graph = ServingGraph(model.eval(), k, shortlist).eval()
+    graph = ServingGraph(model.eval(), k, shortlist, valid_rows).eval()
     program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg.max_len),
                                 external_data=False, optimize=False)
     return program.model_proto
 
 
-def serving_state(model) -> dict:
+def serving_state(model, valid_rows: int | None = None) -> dict:
     """Every initializer of the serving graph by its ONNX name: the model's state and the
-    ServingGraph's precomputed corpus table (trainer.infer.corpus_table)."""
-    from trainer.infer import corpus_table
+    ServingGraph's precomputed corpus table and bias (trainer.infer.corpus_table, corpus_bias)."""
+    from trainer.infer import corpus_bias, corpus_table
 
     state = {f"model.{name}": t for name, t in model.state_dict().items()}
     state["corpus_t"] = corpus_table(model)
+    state["corpus_bias"] = corpus_bias(model.cfg.num_items, valid_rows)
     return state
 
 
@@ -101,8 +102,9 @@ class GraphCache:
         self.traces = 0
         self.reuses = 0
 
-    def export(self, model, path: str, k: int, shortlist: int = 0) -> str:
-        """Write the serving graph of ``model`` to ``path``; returns "traced" or "reused"."""
+    def export(self, model, path: str, k: int, shortlist: int = 0, valid_rows: int | None = None) -> str:
+        """Write the serving graph of ``model`` to ``path``; returns "traced" or "reused".
+        ``valid_rows``: the id map's length (rows past it are never served; data, not shape)."""
         import onnx
         from onnx import numpy_helper
 
@@ -110,7 +112,7 @@ class GraphCache:
         with self._lock:
             template = self._template if sig == self._signature else None
         if template is None:
-            proto = trace(model, k, shortlist)
+            proto = trace(model, k, shortlist, valid_rows)
             with self._lock:
                 self._signature, self._template = sig, proto
                 self.traces += 1
@@ -118,7 +120,7 @@ class GraphCache:
             return "traced"
         proto = onnx.ModelProto()
         proto.CopyFrom(template)
-        state = serving_state(model)
+        state = serving_state(model, valid_rows)
         replaced = 0
         for init in proto.graph.initializer:
             tensor = state.get(init.name)
@@ -130,7 +132,7 @@ class GraphCache:
             log.warning("graph template covers %d of %d weights; tracing again", replaced, len(state))
             with self._lock:
                 self._signature = None
-            return self.export(model, path, k, shortlist)
+            return self.export(model, path, k, shortlist, valid_rows)
         onnx.save_model(proto, path)
         with self._lock:
             self.reuses += 1

@@ -21,7 +21,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CORPUS_INPUT = "corpus_t"  # the ServingGraph buffer's initializer name
+CORPUS_INPUT = "corpus_t"  # the ServingGraph buffers' initializer names
+BIAS_INPUT = "corpus_bias"
+BIAS_SLOT = 5  # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias
 BLOCK = 32
 ACCURACY_LEVEL = 4  # int8 activations: the VNNI / AVX2 integer kernels
 
@@ -49,12 +51,28 @@ def quantize_corpus(path: Path, bits: int = 8) -> dict:
                                      accuracy_level=ACCURACY_LEVEL, nodes_to_include=[node])
     quantizer.process()
     out = quantizer.model.model
-    kinds = [n.op_type for n in out.graph.node if CORPUS_INPUT in "".join(n.input)]
-    if kinds != ["MatMulNBits"]:
-        raise ValueError(f"the corpus scan was not quantised (nodes reading it: {kinds})")
+    scans = [n for n in out.graph.node if any(i.startswith(CORPUS_INPUT) for i in n.input)]
+    if [n.op_type for n in scans] != ["MatMulNBits"]:
+        raise ValueError(f"the corpus scan was not quantised (nodes reading it: {[n.op_type for n in scans]})")
+    fused = fuse_bias(out.graph, scans[0])
     after = sum(len(i.raw_data) for i in out.graph.initializer if i.name.startswith(CORPUS_INPUT))
     onnx.save_model(out, str(path))
-    info = {"node": node, "bits": bits, "block": BLOCK, "accuracy_level": ACCURACY_LEVEL,
+    info = {"node": node, "bits": bits, "block": BLOCK, "accuracy_level": ACCURACY_LEVEL, "bias_fused": fused,
             "table_bytes": before, "quantized_bytes": after, "s": round(time.perf_counter() - t0, 2)}
     log.info("corpus scan quantised: %s", info)
     return info
+
+
+def fuse_bias(graph, scan) -> bool:
+    """Move ``scan + corpus_bias`` (an Add: one more pass over the whole [B, T, N] score tensor)
+    into the MatMulNBits node's own bias input, added as each output block is written."""
+    adds = [n for n in graph.node if n.op_type == "Add" and scan.output[0] in n.input and BIAS_INPUT in n.input]
+    if len(adds) != 1 or sum(scan.output[0] in n.input for n in graph.node) != 1:
+        return False
+    add = adds[0]
+    inputs = list(scan.input) + [""] * (BIAS_SLOT - len(scan.input))
+    del scan.input[:]
+    scan.input.extend(inputs[:BIAS_SLOT] + [BIAS_INPUT])
+    scan.output[0] = add.output[0]
+    graph.node.remove(add)
+    return True

@@ -3,11 +3,12 @@
 
 Encoding mirrors the trainer: ``trainer.data.history_arrays`` + ``collate_histories`` (left
 padding to the model's max_len, times relative to the newest token), user/item ids through the
-snapshot's own id maps (unknown → OOV), eligibility as a bool mask over the item table (the
-all-ads mask is built once per snapshot and batch size and re-used), and the items of the whole
-given history (the feature store keeps more tokens than max_len) as an index list, ``seen_ids``
-[B, H] (0-padded), for Step 3's seen-before flag. Snapshots exported before that took the same
-items as a dense [B, num_items] mask, ``seen``; they still load and get one.
+snapshot's own id maps (unknown → OOV), eligibility as ``candidates`` [B, C] (the request's
+candidate ads as item rows, 0-padded; a row of zeros = every ad: no corpus-sized input), and the
+items of the whole given history (the feature store keeps more tokens than max_len) as an index
+list, ``seen_ids`` [B, H] (0-padded), for Step 3's seen-before flag. Older snapshots took
+eligibility as a bool mask over the item table (``eligible``; the all-ads mask is built once per
+snapshot and batch size) and, before that, the seen items as a dense mask (``seen``); they load.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from features.tokens import TokenSequence
 log = logging.getLogger(__name__)
 
 NEG_HALF = -1e9 / 2  # scores at or below this are "not a result" (trainer.infer.NEG masks)
-INPUT_NAMES = ("user", "items", "actions", "times", "device", "eligible", "seen_ids")
-# Older snapshots still load and run: a dense ``seen`` mask, or (before that) no seen input at all.
-DENSE_SEEN_INPUT_NAMES = INPUT_NAMES[:6] + ("seen",)
-LEGACY_INPUT_NAMES = INPUT_NAMES[:6]
-ACCEPTED_INPUT_NAMES = (INPUT_NAMES, DENSE_SEEN_INPUT_NAMES, LEGACY_INPUT_NAMES)
+INPUT_NAMES = ("user", "items", "actions", "times", "device", "candidates", "seen_ids")
+# Older snapshots still load and run: a dense ``eligible`` mask with the seen items as an index list,
+# as a dense ``seen`` mask, or (before that) no seen input at all.
+ELIGIBLE_INPUT_NAMES = INPUT_NAMES[:5] + ("eligible", "seen_ids")
+DENSE_SEEN_INPUT_NAMES = INPUT_NAMES[:5] + ("eligible", "seen")
+LEGACY_INPUT_NAMES = INPUT_NAMES[:5] + ("eligible",)
+ACCEPTED_INPUT_NAMES = (INPUT_NAMES, ELIGIBLE_INPUT_NAMES, DENSE_SEEN_INPUT_NAMES, LEGACY_INPUT_NAMES)
 
 
 def make_session(path: str | Path, threads: int | None = None, want_cuda: bool = True):
@@ -84,7 +87,7 @@ class OnnxRanker:
         self._all_ads: dict[int, np.ndarray] = {}  # the all-ads eligibility mask by batch size
 
     def default_mask(self, B: int) -> np.ndarray:
-        """Eligibility = every mapped ad (read-only, built once per batch size)."""
+        """Eligibility = every mapped ad, as a mask (read-only, built once per batch size)."""
         mask = self._all_ads.get(B)
         if mask is None:
             mask = np.zeros((B, self.num_items), dtype=bool)
@@ -93,6 +96,26 @@ class OnnxRanker:
             if B <= 8:
                 self._all_ads[B] = mask
         return mask
+
+    def eligibility_mask(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The feeds' eligibility as a dense [B, num_items] mask, whichever form the graph takes
+        (what torch's rank_topk takes: parity, tests)."""
+        if "candidates" not in feeds:
+            return feeds["eligible"]
+        cand = feeds["candidates"]
+        mask = self.default_mask(len(cand)).copy()
+        for b, rows in enumerate(cand):
+            rows = rows[rows > 0]
+            if len(rows):
+                keep = mask[b, rows]
+                mask[b] = False
+                mask[b, rows] = keep
+        return mask
+
+    def candidate_rows(self, ads: Sequence[str]) -> np.ndarray:
+        """A request's candidate ad ids → their item rows, known and servable only, each once."""
+        top = min(self.num_items, len(self.items))
+        return np.asarray(list(dict.fromkeys(i for i in self.items.lookup(ads) if 2 <= i < top)), np.int64)
 
     # --- encoding ------------------------------------------------------------------------
     def encode(self, seqs: Sequence[TokenSequence | None], user_ids: Sequence[str],
@@ -107,15 +130,22 @@ class OnnxRanker:
         # Feast and the samples hold event times in ms; the model was trained on seconds (the
         # online trainer converts the same way): time gaps must be in the unit it learned
         items, actions, times = collate_histories(hist, self.max_len, time_unit_s=MS_PER_S)
-        if eligible is None or all(c is None for c in eligible):
+        cand_rows = [None if eligible is None or c is None else self.candidate_rows(c) for c in (eligible or [None] * B)]
+        if "candidates" in self.input_names:
+            mask = np.zeros((B, max([1] + [len(r) for r in cand_rows if r is not None])), dtype=np.int64)
+            for b, rows in enumerate(cand_rows):
+                if rows is not None:
+                    # none of them servable: the OOV row (never served) keeps the row restricted
+                    rows = rows if len(rows) else np.ones(1, np.int64)
+                    mask[b, :len(rows)] = rows
+        elif all(r is None for r in cand_rows):
             mask = self.default_mask(B)
         else:
             mask = self.default_mask(B).copy()
-            for b, cands in enumerate(eligible):
-                if cands is not None:
+            for b, rows in enumerate(cand_rows):
+                if rows is not None:
                     mask[b] = False
-                    idx = [i for i in self.items.lookup(cands) if 2 <= i < min(self.num_items, len(self.items))]
-                    mask[b, idx] = True
+                    mask[b, rows] = True
         seen_rows = []
         for s in seqs:
             idx = np.asarray(self.items.lookup(s.item_ids) if s is not None and len(s.item_ids) else [], np.int64)
@@ -125,7 +155,7 @@ class OnnxRanker:
             for b, idx in enumerate(seen_rows):
                 seen[b, idx] = True
         else:
-            seen = np.zeros((B, max([1] + [len(r) for r in seen_rows])), dtype=np.int64)
+            seen = np.zeros((B, max([1] + [len(r) for r in seen_rows])), dtype=np.int64)  # 0-padded
             for b, idx in enumerate(seen_rows):
                 seen[b, :len(idx)] = idx
         arrays = (np.asarray(self.users.lookup(user_ids), np.int64), items.numpy(), actions.numpy(),

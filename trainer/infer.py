@@ -16,20 +16,49 @@ from trainer.data import last_position
 NEG = -1e9
 
 
+def serving_retrieval(model, task, s_target, corpus_t, corpus_bias, candidates, n: int, shortlist: int = 0):
+    """The serving graph's retrieval → (head scores, head ids) [B, T, n] each.
+
+    Rows without candidates (``candidates`` all 0) scan the corpus: [task | s_target] · ``corpus_t``
+    + ``corpus_bias`` (NEG on the rows no request may get: padding, OOV, rows no id maps to; 0
+    elsewhere, so a real item's score is exact), then each head's top n, or its top ``shortlist``
+    rescored exactly from the item table (an int8 scan, exporter.quantize). Rows with candidates
+    [B, C] (item rows, 0-padded) score only those, exactly, from the item table. No corpus-sized
+    mask per request: masking [B, T, N] scores was 7 of 52 ms at 1M ads."""
+    B = task.shape[0]
+    tq, sq = task[:, 0], s_target[:, 0]  # [B, T, d], [B, T, k]
+    corpus = torch.cat([tq, sq], dim=-1) @ corpus_t + corpus_bias  # [B, T, N]
+    if shortlist > n:
+        scan_scores, scan_ids = corpus.topk(min(shortlist, corpus.shape[-1]), dim=-1)  # [B, T, m]
+        exact = model.step2.score_own(tq, sq, model.item_table[scan_ids]).masked_fill(scan_scores <= NEG / 2, NEG)
+        open_scores, j = exact.topk(n, dim=-1)
+        open_ids = torch.gather(scan_ids, 2, j)
+    else:
+        open_scores, open_ids = corpus.topk(n, dim=-1)
+    # candidate rows: n padding columns on top, so that every row has n to pick from
+    cand = torch.cat([candidates, torch.zeros_like(candidates[:, :1]).expand(B, n)], dim=1)  # [B, C+n]
+    cand_scores = model.step2.score_each(task, s_target, model.item_table[cand].unsqueeze(1))[:, 0]  # [B, T, C+n]
+    cand_scores = cand_scores.masked_fill((corpus_bias[cand] < 0).unsqueeze(1), NEG)
+    cand_scores, j = cand_scores.topk(n, dim=-1)
+    cand_ids = torch.gather(cand.unsqueeze(1).expand(-1, j.shape[1], -1), 2, j)
+    restricted = (candidates > 0).any(-1).view(B, 1, 1)
+    return torch.where(restricted, cand_scores, open_scores), torch.where(restricted, cand_ids, open_ids)
+
+
 def rank_topk(model, user, items, actions, times, device, eligible=None, k: int | None = None,
-              return_all: bool = False, seen=None, seen_ids=None, corpus_t=None, shortlist: int = 0):
+              return_all: bool = False, seen=None, seen_ids=None, corpus_t=None, shortlist: int = 0,
+              corpus_bias=None, candidates=None):
     """user [B], items/actions [B,L] (left-padded), times [B,L] float, device [B] (context),
     eligible [B, num_items] bool or None → (top-K ids [B,K], scores [B,K]).
     ``seen`` [B, num_items] bool or None: the items of the user's longer history (the feature
     store keeps more tokens than Step 1 reads); Step 3's seen-before flag is the window's or'ed
     with it. ``seen_ids`` [B, H] int64 (0-padded) is the same as an index list (serving: no
-    corpus-sized input per request). ``corpus_t`` [d+k, num_items]: ``corpus_table(model)``
-    precomputed once per snapshot (serving), else the corpus side is computed here.
-    ``shortlist`` m > retrieve_n (serving with a quantised corpus table): each head keeps the top m
-    of the corpus scan, rescores them exactly from the item table and retrieves its top-N from
-    those, and the generator score Step 3 reads is exact too; with an exact scan this is the same
-    result, with an int8 scan (exporter.quantize) it differs only when a true top-N item falls
-    outside the scan's top m.
+    corpus-sized input per request).
+
+    Serving (``corpus_t`` given: ``corpus_table(model)`` [d+k, num_items], precomputed once per
+    snapshot): retrieval is ``serving_retrieval`` with ``corpus_bias`` [num_items] and eligibility
+    as ``candidates`` [B, C] (0-padded item rows; a row of zeros = every ad) instead of ``eligible``,
+    and ``shortlist`` m > retrieve_n rescores each head's top m of an int8 scan exactly.
 
     With ``return_all`` also returns the merged retrieved set and both steps' scores on it
     (for the Step-2/Step-3 consistency metrics)."""
@@ -38,23 +67,23 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     pos = last_position(items)
     mem, mask = model.encode(user, items, actions, times, pos, device.view(-1, 1))
     task, fake, s_target = model.step2(mem, mask)
-    if corpus_t is None:
-        corpus = model.corpus_scores(task, s_target)[:, 0]  # [B, T, N]
-    else:  # the same dual-channel score as one matmul against the precomputed corpus side
-        corpus = torch.cat([task, s_target], dim=-1)[:, 0] @ corpus_t  # [B, T, N]
-    n_items = corpus.shape[-1]
-    ok = torch.arange(n_items, device=corpus.device) >= 2  # never padding / OOV
-    ok = ok.unsqueeze(0) if eligible is None else ok & eligible
-    corpus = corpus.masked_fill(~ok.unsqueeze(1), NEG)
-    n = min(cfg.retrieve_n, n_items)
-    if shortlist > n and corpus_t is not None:
-        m = min(shortlist, n_items)
-        scan_scores, scan_ids = corpus.topk(m, dim=-1)  # [B, T, m]
-        exact = model.step2.score_own(task[:, 0], s_target[:, 0], model.item_table[scan_ids])  # [B, T, m]
-        exact = exact.masked_fill(scan_scores <= NEG / 2, NEG)
-        head_scores, j = exact.topk(n, dim=-1)  # [B, T, n]
-        head_ids = torch.gather(scan_ids, 2, j)
+    serving = corpus_t is not None
+    if serving:
+        n_items = corpus_t.shape[-1]
+        n = min(cfg.retrieve_n, n_items)
+        if corpus_bias is None:
+            corpus_bias = torch.where(torch.arange(n_items, device=task.device) >= 2, 0.0, NEG)
+        if candidates is None:
+            candidates = torch.zeros(task.shape[0], 1, dtype=torch.long, device=task.device)
+        head_scores, head_ids = serving_retrieval(model, task, s_target, corpus_t, corpus_bias, candidates, n,
+                                                  shortlist)
     else:
+        corpus = model.corpus_scores(task, s_target)[:, 0]  # [B, T, N]
+        n_items = corpus.shape[-1]
+        ok = torch.arange(n_items, device=corpus.device) >= 2  # never padding / OOV
+        ok = ok.unsqueeze(0) if eligible is None else ok & eligible
+        corpus = corpus.masked_fill(~ok.unsqueeze(1), NEG)
+        n = min(cfg.retrieve_n, n_items)
         head_scores, head_ids = corpus.topk(n, dim=-1)  # [B, T, n]
     ids = head_ids.flatten(1)  # [B, T*n]
     invalid = head_scores.flatten(1) <= NEG / 2
@@ -62,9 +91,9 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [B, M, M]
     earlier = torch.ones(M, M, dtype=torch.bool, device=ids.device).tril(-1)
     dup = (same & earlier).any(-1)
-    if shortlist > n and corpus_t is not None:  # every head's exact score of every retrieved item
+    if serving:  # bagged generator score of each retrieved item: every head's exact score of it
         gen = model.step2.score_each(task, s_target, model.item_table[ids].unsqueeze(1))[:, 0].mean(1)
-    else:  # bagged generator score of each retrieved item (gathered first: no pass over the corpus)
+    else:  # the same, gathered from the corpus scores (no second pass over the corpus)
         gen = torch.gather(corpus, 2, ids.unsqueeze(1).expand(-1, corpus.shape[1], -1)).mean(1)
     if model.ranker is not None:
         s2 = torch.cat([task, fake], dim=2)
@@ -109,30 +138,44 @@ def corpus_table(model) -> torch.Tensor:
     return e.T.contiguous()
 
 
+@torch.no_grad()
+def corpus_bias(num_items: int, valid_rows: int | None = None) -> torch.Tensor:
+    """[num_items]: 0 on the rows a request may get (2 ≤ row < ``valid_rows``, the id map's length;
+    default every row), NEG on padding, OOV and the rows no id maps to (a padded table's tail)."""
+    rows = torch.arange(num_items)
+    top = num_items if valid_rows is None else min(valid_rows, num_items)
+    return torch.where((rows >= 2) & (rows < top), 0.0, NEG)
+
+
 class ServingGraph(nn.Module):
-    """The exported serving graph: (user, items, actions, times, device, eligible, seen_ids) → (ids, scores).
+    """The exported serving graph: (user, items, actions, times, device, candidates, seen_ids) → (ids, scores).
 
     The corpus side of the scores is a buffer (``corpus_t``) computed when the graph is built, so a
     request reads one [d+k, N] table instead of normalising the item table and projecting it on the
-    centroids every time; ``seen_ids`` [B, H] lists the items of the user's longer history."""
+    centroids every time; so is ``corpus_bias``, the rows no request may get (``valid_rows``: the
+    id map's length). ``candidates`` [B, C] restricts a row to those item rows (0-padded; zeros =
+    every ad); ``seen_ids`` [B, H] lists the items of the user's longer history."""
 
-    def __init__(self, model, k: int | None = None, shortlist: int = 0):
+    def __init__(self, model, k: int | None = None, shortlist: int = 0, valid_rows: int | None = None):
         super().__init__()
         self.model = model
         self.k = k or model.cfg.top_k
         self.shortlist = shortlist  # > retrieve_n: the graph rescores a scan shortlist (quantised corpus)
         self.register_buffer("corpus_t", corpus_table(model))
+        self.register_buffer("corpus_bias", corpus_bias(model.cfg.num_items, valid_rows))
 
-    def forward(self, user, items, actions, times, device, eligible, seen_ids):
-        return rank_topk(self.model, user, items, actions, times, device, eligible, self.k, seen_ids=seen_ids,
-                         corpus_t=self.corpus_t, shortlist=self.shortlist)
+    def forward(self, user, items, actions, times, device, candidates, seen_ids):
+        return rank_topk(self.model, user, items, actions, times, device, k=self.k, seen_ids=seen_ids,
+                         corpus_t=self.corpus_t, corpus_bias=self.corpus_bias, candidates=candidates,
+                         shortlist=self.shortlist)
 
 
 def dynamic_shapes(max_len: int) -> tuple:
-    """The serving graph's dynamic dimensions: batch everywhere, history length up to max_len."""
+    """The serving graph's dynamic dimensions: batch everywhere, history length up to max_len,
+    candidates and seen items per row."""
     B, S = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=max_len)
-    H = torch.export.Dim("seen", min=1)
-    return ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, {0: B, 1: H})
+    C, H = torch.export.Dim("cand", min=1), torch.export.Dim("seen", min=1)
+    return ({0: B}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B, 1: C}, {0: B, 1: H})
 
 
 def export_onnx(model, path: str, batch: int = 2, seq_len: int | None = None, k: int | None = None):
@@ -172,6 +215,10 @@ def seen_index(seen: torch.Tensor, min_len: int = 2) -> torch.Tensor:
 
 
 def serving_inputs(cfg, batch: int, seq_len: int, g: torch.Generator | None = None):
-    """example_inputs in the serving graph's form (``seen`` as an index list)."""
-    *head, seen = example_inputs(cfg, batch, seq_len, g)
-    return (*head, seen_index(seen))
+    """example_inputs in the serving graph's form: ``seen`` as an index list, eligibility as
+    candidates (row 0: every ad; the other rows: up to 8 distinct random item rows each)."""
+    user, items, actions, times, device, _, seen = example_inputs(cfg, batch, seq_len, g)
+    C = min(8, cfg.num_items - 2)
+    cand = torch.stack([torch.randperm(cfg.num_items - 2, generator=g)[:C] + 2 for _ in range(batch)])
+    cand[0] = 0
+    return user, items, actions, times, device, cand, seen_index(seen)

@@ -46,12 +46,14 @@ def _torch_vs_onnx(model, ranker, users, candidates=None):
     seen = np.zeros((len(uids), ranker.num_items), dtype=bool)
     for b, row in enumerate(feeds["seen_ids"]):
         seen[b, row[row > 1]] = True
-    assert not feeds["eligible"][:, n_items:].any() and not seen[:, n_items:].any()
+    eligible = ranker.eligibility_mask(feeds)
+    assert not eligible[:, n_items:].any() and not seen[:, n_items:].any()
     for b, u in enumerate(uids):
         assert set(np.flatnonzero(seen[b]).tolist()) == set(ranker.items.lookup(users[u].item_ids)) - {0, 1}
-    torch_feeds = {**feeds, "eligible": feeds["eligible"][:, :n_items]}
+    torch_feeds = {**feeds, "eligible": eligible[:, :n_items]}
     with torch.no_grad():
-        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(np.array(torch_feeds[n])) for n in ranker.input_names[:6]),
+        names = ("user", "items", "actions", "times", "device", "eligible")
+        t_ids, t_scores = rank_topk(model, *(torch.from_numpy(np.array(torch_feeds[n])) for n in names),
                                     k=ranker.top_k, seen=torch.from_numpy(seen[:, :n_items]))
     o_ids, o_scores = ranker.run(feeds)
     valid = t_scores.numpy() > -5e8
@@ -146,8 +148,9 @@ def test_a_snapshot_from_before_the_seen_input_still_serves(tmp_path):
         big = with_bucketed_tables(model)
         assert big.cfg.num_items == padded
         args = example_inputs(big.cfg, 2, big.cfg.max_len, torch.Generator().manual_seed(0))[:6]
+        dyn = dynamic_shapes(big.cfg.max_len)
         torch.onnx.export(SixInputs(big.eval(), 10).eval(), args, dynamo=True,
-                          dynamic_shapes=dynamic_shapes(big.cfg.max_len)[:6], external_data=False).save(str(onnx_model))
+                          dynamic_shapes=dyn[:5] + (dyn[4],), external_data=False).save(str(onnx_model))
         ranker = OnnxRanker(staged.dir, {**staged.manifest, "version": 0}, threads=1, want_cuda=False)
         assert tuple(ranker.input_names) == ("user", "items", "actions", "times", "device", "eligible")
         uid = next(iter(users))
@@ -200,6 +203,7 @@ def test_int8_corpus_snapshot_ranks_like_exact_scoring(tmp_path):
         assert scans == ["MatMulNBits"]
         quantized = staged[8].result.report["export"]["quantized"]
         assert quantized["quantized_bytes"] < 0.35 * quantized["table_bytes"]  # int8 + a scale per 32
+        assert quantized["bias_fused"]  # the rows never served: in the scan itself, no pass of their own
         assert staged[8].result.report["parity"]["topk_mismatch_rows"] == 0
         uids = list(users)
         exact, fast = (st.ranker.run(st.ranker.encode([users[u] for u in uids], uids))[0] for st in staged.values())

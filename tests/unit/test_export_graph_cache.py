@@ -17,7 +17,12 @@ def run_both(model, path, cfg):
         ids, scores = rank_topk(model.eval(), *args[:6], k=10, seen=args[6])
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    feed = {n: a.numpy() for n, a in zip(names, (*args[:6], seen_index(args[6])))}
+    # the serving graph takes the eligible ads as candidates: an index list per row (0-padded)
+    rows = [torch.nonzero(r[2:]).flatten() + 2 for r in args[5]]
+    cand = torch.zeros(3, max(len(r) for r in rows), dtype=torch.int64)
+    for b, r in enumerate(rows):
+        cand[b, : len(r)] = r
+    feed = {n: a.numpy() for n, a in zip(names, (*args[:5], cand, seen_index(args[6])))}
     o_ids, o_scores = sess.run(None, feed)
     return ids.numpy(), scores.numpy(), o_ids, o_scores
 

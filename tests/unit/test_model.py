@@ -307,6 +307,32 @@ def test_serving_seen_mask_flags_retrieved_items_for_step3():
     assert (diff[hit] > 1e-4).all() and (diff[~hit] <= 1e-6).all()
 
 
+@pytest.mark.parametrize("shortlist", [0, 30])
+def test_serving_retrieval_with_candidates_equals_the_masked_corpus(shortlist):
+    """The serving graph's retrieval (precomputed corpus table, a bias on rows never served, the
+    request's candidates as an index list, optionally an exactly rescored shortlist) ranks like the
+    evaluation path's dense eligibility mask: an open row, a restricted row, a row whose only
+    candidates are rows never served (nothing), and a tail of unmapped rows that no row gets."""
+    from trainer.infer import corpus_bias, corpus_table
+
+    m = model(retrieve_n=10)
+    user, items, actions, times, device = inputs(m.cfg, B=3)
+    valid = 35  # rows 35..39: a padded table's tail no id maps to
+    cand = torch.tensor([[0, 0, 0, 0], [7, 12, 30, 33], [36, 38, 0, 0]])
+    eligible = torch.zeros(3, 40, dtype=torch.bool)
+    eligible[0, 2:valid] = True
+    eligible[1, [7, 12, 30, 33]] = True
+    with torch.no_grad():
+        want = rank_topk(m, user, items, actions, times, device, eligible, k=8)
+        got = rank_topk(m, user, items, actions, times, device, k=8, corpus_t=corpus_table(m),
+                        corpus_bias=corpus_bias(40, valid), candidates=cand, shortlist=shortlist)
+    real = want[1] > -5e8
+    assert torch.equal(real, got[1] > -5e8) and real[0].all() and real[1, :4].all() and not real[2].any()
+    assert torch.equal(want[0][real], got[0][real])
+    assert torch.allclose(want[1][real], got[1][real], atol=1e-5)
+    assert (got[0][0] < valid).all()
+
+
 def test_click_share_feature_reaches_only_its_candidate_and_old_configs_load_without_it():
     from trainer import checkpoint as ck
     from trainer.model.config import OneRankerConfig

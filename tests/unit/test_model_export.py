@@ -23,7 +23,7 @@ def test_small_preset_exports_and_matches_onnxruntime(tmp_path):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     assert sess.get_providers() == ["CPUExecutionProvider"]
     shapes = {i.name: i.shape for i in sess.get_inputs()}
-    assert tuple(shapes) == ("user", "items", "actions", "times", "device", "eligible", "seen_ids")
+    assert tuple(shapes) == ("user", "items", "actions", "times", "device", "candidates", "seen_ids")
     assert all(not isinstance(s[0], int) for s in shapes.values())  # batch stayed dynamic (trap 1)
     graph = ServingGraph(m)
     for B, L, seed in ((3, cfg.max_len, 1), (1, 7, 2), (5, 20, 3)):  # other sizes than the example
