@@ -246,7 +246,16 @@ class Replica:
         t0 = time.perf_counter()
         dest = self.cache_dir / f"v{version:08d}-{uuid.uuid4().hex[:6]}"
         try:
-            manifest = self.store.fetch(version, dest)
+            manifest, files = self.store.read(version)  # verified in memory
+            # the session is built from the bytes just verified; only a model with external weights
+            # (more files named model.onnx*) is loaded from disk; the id maps go to disk either way
+            external = any(n.startswith("model.onnx") and n != "model.onnx" for n in files)
+            model_bytes = None if external else files.pop("model.onnx")
+            dest.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (dest / name).write_bytes(data)
+            (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            del files
         except SnapshotError as exc:
             self._refuse(version, exc.reason, str(exc), dest)
             return False
@@ -257,7 +266,9 @@ class Replica:
             return False
         t_fetch = time.perf_counter()
         try:
-            ranker = OnnxRanker(dest, manifest, threads=self.threads, want_cuda=self.want_cuda)
+            ranker = OnnxRanker(dest, manifest, threads=self.threads, want_cuda=self.want_cuda,
+                                model_bytes=model_bytes)
+            del model_bytes
             t_build = time.perf_counter()
             ranker.warm()
         except Exception as exc:  # noqa: BLE001 - verified files that do not load: refused

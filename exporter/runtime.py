@@ -35,9 +35,10 @@ LEGACY_INPUT_NAMES = INPUT_NAMES[:5] + ("eligible",)
 ACCEPTED_INPUT_NAMES = (INPUT_NAMES, ELIGIBLE_INPUT_NAMES, DENSE_SEEN_INPUT_NAMES, LEGACY_INPUT_NAMES)
 
 
-def make_session(path: str | Path, threads: int | None = None, want_cuda: bool = True):
-    """An InferenceSession with CUDA first when onnxruntime lists it. Returns (session, providers
-    actually in use). Only ``session.get_providers()`` tells the truth (DESIGN §8 trap 4)."""
+def make_session(path: str | Path | bytes, threads: int | None = None, want_cuda: bool = True):
+    """An InferenceSession (from a file, or the model's bytes) with CUDA first when onnxruntime
+    lists it. Returns (session, providers actually in use). Only ``session.get_providers()`` tells
+    the truth (DESIGN §8 trap 4)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # the GPU wheel's missing-CUDA error: we report it below
@@ -54,11 +55,12 @@ def make_session(path: str | Path, threads: int | None = None, want_cuda: bool =
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # the GPU wheel logs an error for missing CUDA libs; we report below
-    sess = ort.InferenceSession(str(path), so, providers=providers)
+    sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
     actual = sess.get_providers()
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in actual:
         log.warning("CUDAExecutionProvider is listed but not usable here; running on %s", actual)
-    log.info("onnxruntime session %s: providers %s", Path(path).name, actual)
+    log.info("onnxruntime session %s: providers %s", "(bytes)" if isinstance(path, bytes) else Path(path).name,
+             actual)
     return sess, actual
 
 
@@ -66,7 +68,9 @@ class OnnxRanker:
     """A verified snapshot directory loaded into an onnxruntime session."""
 
     def __init__(self, snap_dir: Path, manifest: dict | None = None, threads: int | None = None,
-                 want_cuda: bool = True):
+                 want_cuda: bool = True, model_bytes: bytes | None = None):
+        """``model_bytes``: model.onnx already in memory (verified by SnapshotStore.read); the
+        id maps are read from ``snap_dir``."""
         from trainer.data import IdMap
 
         snap_dir = Path(snap_dir)
@@ -79,7 +83,8 @@ class OnnxRanker:
         self.top_k = int(model["top_k"])
         self.items = IdMap.from_dict(json.loads((snap_dir / "items.json").read_text()))
         self.users = IdMap.from_dict(json.loads((snap_dir / "users.json").read_text()))
-        self.session, self.providers = make_session(snap_dir / "model.onnx", threads, want_cuda)
+        self.session, self.providers = make_session(model_bytes if model_bytes is not None else snap_dir / "model.onnx",
+                                                    threads, want_cuda)
         names = [i.name for i in self.session.get_inputs()]
         if tuple(names) not in ACCEPTED_INPUT_NAMES:
             raise ValueError(f"unexpected model inputs {names}")

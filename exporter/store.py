@@ -127,11 +127,10 @@ class SnapshotStore:
         doc = self._read_json(LATEST) or {}
         return max([int(doc.get("version", 0)), *self._version_dirs()])
 
-    def fetch(self, version: int, dest: Path) -> dict:
-        """Download snapshot ``version`` into ``dest`` and verify every file's size and sha256.
-        Returns the manifest; raises SnapshotError when the snapshot is not intact."""
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
+    def read(self, version: int) -> tuple[dict, dict[str, bytes]]:
+        """Snapshot ``version``'s manifest and files, in memory, each file's size and sha256
+        verified; raises SnapshotError when the snapshot is not intact. (A replica builds its
+        session from these bytes: no second copy on local disk, read back again.)"""
         m = self.manifest(version)
         if int(m.get("version", -1)) != version:
             raise SnapshotError(f"snapshot {version}: manifest names version {m.get('version')}", "manifest")
@@ -139,19 +138,30 @@ class SnapshotStore:
         missing = [f for f in REQUIRED_FILES if f not in files]
         if missing:
             raise SnapshotError(f"snapshot {version}: manifest lacks {missing}", "manifest")
+        out = {}
         for name, meta in files.items():
             if not _SAFE_NAME.match(name) or name == MANIFEST:
                 raise SnapshotError(f"snapshot {version}: bad file name {name!r}", "manifest")
-            local = dest / name
             try:
-                self.fs.get_file(self._p(version_name(version), name), str(local))
+                data = self.fs.cat_file(self._p(version_name(version), name))
             except FileNotFoundError:
                 raise SnapshotError(f"snapshot {version}: {name} missing", "missing") from None
-            size, digest = local.stat().st_size, sha256_file(local)
-            if size != meta.get("size") or digest != meta.get("sha256"):
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) != meta.get("size") or digest != meta.get("sha256"):
                 raise SnapshotError(f"snapshot {version}: {name} fails its checksum "
                                     f"(sha256 {digest[:12]}…, manifest {str(meta.get('sha256'))[:12]}…)",
                                     "checksum")
+            out[name] = data
+        return m, out
+
+    def fetch(self, version: int, dest: Path) -> dict:
+        """Download snapshot ``version`` into ``dest`` (``read``: every file verified first).
+        Returns the manifest; raises SnapshotError when the snapshot is not intact."""
+        m, files = self.read(version)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (dest / name).write_bytes(data)
         (dest / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
         return m
 
