@@ -84,7 +84,7 @@ def load(urls: list[str] | str, users: list[str], n: int, concurrency: int, k: i
         st["http_client"] = float(np.median(a)) - sum(st.values())  # outside the app: sockets, client
     return {"concurrency": concurrency, "replicas": len(urls), "requests": len(lat), "errors": errors,
             "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-            "p99_ms": float(np.percentile(a, 99)), "rps": n / wall, "stages_p50_ms": st}
+            "p99_ms": float(np.percentile(a, 99)), "rps": len(lat) / wall, "stages_p50_ms": st}
 
 
 def _fetch(store, dest: Path):

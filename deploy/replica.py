@@ -22,7 +22,7 @@ from typing import Protocol
 import orjson
 
 from exporter.runtime import OnnxRanker
-from exporter.store import SnapshotError, SnapshotStore
+from exporter.store import SnapshotError, SnapshotStore, write_snapshot
 from features.tokens import TokenSequence
 from oneranker import config
 
@@ -251,10 +251,7 @@ class Replica:
             # (more files named model.onnx*) is loaded from disk; the id maps go to disk either way
             external = any(n.startswith("model.onnx") and n != "model.onnx" for n in files)
             model_bytes = None if external else files.pop("model.onnx")
-            dest.mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                (dest / name).write_bytes(data)
-            (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            write_snapshot(dest, manifest, files)
             del files
         except SnapshotError as exc:
             self._refuse(version, exc.reason, str(exc), dest)

@@ -261,10 +261,8 @@ def parity(model, ranker: OnnxRanker, samples: Sequence[dict], n_random: int = 2
         batches.append({name: feeds[name] for name in ranker.input_names})
     max_diff, mismatches, n = 0.0, 0, 0
     for feeds in batches:
-        # eligible only where serving can ask: the padded rows of the bucketed table (zeros, no id
-        # maps to them) all score the same, and while the trained items still score below that
-        # tie (the first checkpoints) each side's top-n picked a different subset of it
-        torch_feeds = {**feeds, "eligible": ranker.eligibility_mask(feeds) & ranker.default_mask(len(feeds["user"]))}
+        # every form of eligibility here stops at default_mask: only where serving can answer
+        torch_feeds = {**feeds, "eligible": ranker.eligibility_mask(feeds)}
         names = [("eligible" if name == "candidates" else name) for name in ranker.input_names]
         with torch.no_grad():
             t_ids, t_scores = graph(*(torch.from_numpy(np.array(torch_feeds[name])) for name in names))

@@ -104,7 +104,10 @@ class OnnxRanker:
 
     def eligibility_mask(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The feeds' eligibility as a dense [B, num_items] mask, whichever form the graph takes
-        (what torch's rank_topk takes: parity, tests)."""
+        (what torch's rank_topk takes: parity, tests). Candidates are kept only where serving can
+        answer (``default_mask``): the padded rows of a bucketed table are zeros no id maps to, all
+        scoring the same, and while trained items still score below that tie (the first
+        checkpoints) torch and onnxruntime picked different subsets of it."""
         if "candidates" not in feeds:
             return feeds["eligible"]
         cand = feeds["candidates"]
@@ -135,7 +138,7 @@ class OnnxRanker:
         # Feast and the samples hold event times in ms; the model was trained on seconds (the
         # online trainer converts the same way): time gaps must be in the unit it learned
         items, actions, times = collate_histories(hist, self.max_len, time_unit_s=MS_PER_S)
-        cand_rows = [None if eligible is None or c is None else self.candidate_rows(c) for c in (eligible or [None] * B)]
+        cand_rows = [None if c is None else self.candidate_rows(c) for c in (eligible or [None] * B)]
         if "candidates" in self.input_names:
             mask = np.zeros((B, max([1] + [len(r) for r in cand_rows if r is not None])), dtype=np.int64)
             for b, rows in enumerate(cand_rows):

@@ -53,6 +53,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_snapshot(dest: Path, manifest: dict, files: dict[str, bytes]) -> None:
+    """A snapshot's (verified) files and its manifest into the local directory ``dest``."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (dest / name).write_bytes(data)
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
 def version_name(version: int) -> str:
     return f"v{version:08d}"
 
@@ -158,11 +167,7 @@ class SnapshotStore:
         """Download snapshot ``version`` into ``dest`` (``read``: every file verified first).
         Returns the manifest; raises SnapshotError when the snapshot is not intact."""
         m, files = self.read(version)
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (dest / name).write_bytes(data)
-        (dest / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+        write_snapshot(dest, m, files)
         return m
 
     # --- writing -------------------------------------------------------------------------

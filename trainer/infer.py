@@ -71,10 +71,8 @@ def rank_topk(model, user, items, actions, times, device, eligible=None, k: int 
     if serving:
         n_items = corpus_t.shape[-1]
         n = min(cfg.retrieve_n, n_items)
-        if corpus_bias is None:
-            corpus_bias = torch.where(torch.arange(n_items, device=task.device) >= 2, 0.0, NEG)
-        if candidates is None:
-            candidates = torch.zeros(task.shape[0], 1, dtype=torch.long, device=task.device)
+        if corpus_bias is None or candidates is None:
+            raise ValueError("serving retrieval (corpus_t) needs corpus_bias and candidates")
         head_scores, head_ids = serving_retrieval(model, task, s_target, corpus_t, corpus_bias, candidates, n,
                                                   shortlist)
     else:
